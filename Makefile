@@ -1,0 +1,42 @@
+# forkd: `make demo` on a fresh Debian 12 machine installs what it needs, builds the guest image,
+# creates the snapshot `pyagent` and forks children from it; `make test` runs the test suite.
+PYTHON ?= python3
+APT_PACKAGES = qemu-system-x86 busybox-static cpio python3 python3-numpy zstd iproute2
+N ?= 10
+
+.PHONY: demo deps apt pip image snapshot test test-unit lint bench clean
+
+demo: deps image snapshot
+	forkd fork --tag pyagent -n $(N) --eval 'numpy.zeros(5).tolist()'
+
+deps: apt pip
+
+apt:
+	@if ! dpkg -s $(APT_PACKAGES) >/dev/null 2>&1; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(APT_PACKAGES); \
+	fi
+
+pip:
+	$(PYTHON) -m pip install -q -e '.[dev]'
+
+image:
+	forkd image build
+
+snapshot:
+	@forkd snapshot info pyagent >/dev/null 2>&1 || forkd snapshot create --tag pyagent
+
+test:
+	$(PYTHON) -m pytest -ra
+
+test-unit:
+	$(PYTHON) -m pytest -ra tests/unit
+
+lint:
+	ruff check src tests bench
+	mypy
+
+bench:
+	$(PYTHON) bench/fanout.py
+
+clean:
+	forkd cleanup

@@ -1,0 +1,31 @@
+"""``forkd``: build the guest image, create snapshots, fork children, clean up."""
+
+from __future__ import annotations
+
+import click
+
+from forkd import __version__
+from forkd.cli.cleanup_cmd import cleanup
+from forkd.cli.fork_cmd import fork
+from forkd.cli.image_cmd import image
+from forkd.cli.snapshot_cmd import snapshot
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="forkd")
+def cli() -> None:
+    """forkd: fork warmed microVMs copy-on-write.
+
+    Data lives under $FORKD_HOME (default ~/.local/share/forkd); $FORKD_ACCEL (auto|kvm|tcg)
+    picks the accelerator.
+    """
+
+
+cli.add_command(image)
+cli.add_command(snapshot)
+cli.add_command(fork)
+cli.add_command(cleanup)
+
+
+def main() -> None:
+    cli()

@@ -1,0 +1,101 @@
+"""``forkd snapshot create|list|info|rm``."""
+
+from __future__ import annotations
+
+import time
+
+import click
+
+from forkd.cli.common import accel_option, json_option, make_engine
+from forkd.cli.image_cmd import build_with_progress
+from forkd.cli.output import console, handle_errors, print_json, table
+
+
+@click.group()
+def snapshot() -> None:
+    """Warmed parent snapshots that children are forked from."""
+
+
+@snapshot.command("create")
+@click.option("--tag", required=True, help="Name of the snapshot: ^[A-Za-z0-9_-]{1,64}$.")
+@click.option("--memory-mib", type=int, default=512, show_default=True, help="Guest RAM in MiB.")
+@click.option("--vcpus", type=int, default=1, show_default=True, help="Guest vCPUs.")
+@click.option("--warm", "warm_code", default=None, help="Python code run in the parent before the snapshot.")
+@click.option("--boot-timeout", type=float, default=300.0, show_default=True, help="Seconds to wait for the agent.")
+@click.option("--keep-workdir", is_flag=True, help="Keep the parent's work dir (console log) afterwards.")
+@accel_option
+@json_option
+@handle_errors
+def create(tag: str, memory_mib: int, vcpus: int, warm_code: str | None, boot_timeout: float,
+           keep_workdir: bool, accel: str | None, as_json: bool) -> None:
+    """Boot a parent VM from the guest image, warm it, and save it as snapshot TAG."""
+    from forkd.guest.image import find_image
+
+    eng = make_engine(accel)
+    image = find_image()
+    if image is None:
+        if not as_json:
+            console.print("no guest image for the current inputs: building it first")
+        image = build_with_progress() if not as_json else None
+    t0 = time.monotonic()
+
+    def step(msg: str) -> None:
+        if not as_json:
+            console.print(f"[dim]{time.monotonic() - t0:6.2f}s[/dim] {msg}")
+
+    snap = eng.create_snapshot(tag, memory_mib=memory_mib, vcpus=vcpus, warm_code=warm_code,
+                               boot_timeout=boot_timeout, keep_workdir=keep_workdir, step=step, image=image)
+    if as_json:
+        print_json(snap.summary())
+        return
+    s = snap.summary()
+    console.print(f"snapshot {tag} created in {time.monotonic() - t0:.1f} s: accel {s['accel']}, "
+                  f"{s['memory_mib']} MiB RAM ({s['memory_allocated_bytes'] / 2**20:.0f} MiB on disk), "
+                  f"vmstate {s['vmstate_bytes'] / 1024:.0f} KiB, boot {s['timings'].get('boot_s')} s, "
+                  f"save {s['timings'].get('save_ms')} ms")
+
+
+@snapshot.command("list")
+@json_option
+@handle_errors
+def list_(as_json: bool) -> None:
+    """List snapshots."""
+    eng = make_engine()
+    entries = eng.store.list()
+    if as_json:
+        print_json([snap.summary() if snap else {"tag": tag, "error": err} for tag, snap, err in entries])
+        return
+    rows = []
+    for tag, snap, err in entries:
+        if snap is None:
+            rows.append((tag, "", "", "", "", f"INVALID: {err}"))
+            continue
+        s = snap.summary()
+        rows.append((tag, s["accel"], s["memory_mib"], f"{s['memory_allocated_bytes'] / 2**20:.0f}",
+                     time.strftime("%Y-%m-%d %H:%M", time.localtime(s["created_at"])), "ok"))
+    table(f"snapshots in {eng.store.root}", ["TAG", "ACCEL", "RAM MIB", "DISK MIB", "CREATED", "STATUS"], rows)
+
+
+@snapshot.command("info")
+@click.argument("tag")
+@json_option
+@handle_errors
+def info(tag: str, as_json: bool) -> None:
+    """Show one snapshot's metadata."""
+    s = make_engine().store.open(tag).summary()
+    if as_json:
+        print_json(s)
+        return
+    for k, v in s.items():
+        console.print(f"{k:>24}: {v}", highlight=False)
+
+
+@snapshot.command("rm")
+@click.argument("tags", nargs=-1, required=True)
+@handle_errors
+def rm(tags: tuple[str, ...]) -> None:
+    """Delete snapshots."""
+    eng = make_engine()
+    for tag in tags:
+        eng.delete_snapshot(tag)
+        console.print(f"deleted {tag}")

@@ -1,0 +1,49 @@
+"""Sweeping what dead VMs left behind: work dirs whose QEMU is gone, and staging leftovers."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from forkd.engine.snapshot import SnapshotStore
+from forkd.engine.vm import META, WorkDir, process_matches
+
+# A work dir without vm.json is being created right now, unless it is older than this.
+GRACE_S = 120.0
+
+
+@dataclass
+class CleanupReport:
+    removed: list[str] = field(default_factory=list)
+    kept_live: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, list[str]]:
+        return {"removed": self.removed, "kept_live": self.kept_live}
+
+
+def sweep(run_dir: Path, store: SnapshotStore | None = None, dry_run: bool = False) -> CleanupReport:
+    """Remove work dirs whose VM process is gone (never a live one's) and crashed snapshot staging dirs."""
+    rep = CleanupReport()
+    if run_dir.is_dir():
+        now = time.time()
+        for d in sorted(run_dir.iterdir()):
+            if not d.is_dir():
+                continue
+            meta = WorkDir(d).read_meta()
+            if meta is None:
+                if (d / META).exists() or now - d.stat().st_mtime < GRACE_S:
+                    continue
+            elif process_matches(int(meta.get("pid", 0)), str(meta.get("id", ""))):
+                rep.kept_live.append(str(d))
+                continue
+            if not dry_run:
+                shutil.rmtree(d, ignore_errors=True)
+            rep.removed.append(str(d))
+    if store is not None:
+        if dry_run:
+            rep.removed += [str(p) for p in store.root.glob(".staging-*")]
+        else:
+            rep.removed += [str(p) for p in store.sweep_staging()]
+    return rep

@@ -1,0 +1,169 @@
+"""The engine facade: what the CLI and the daemon both call."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from forkd.engine.accel import AccelChoice, choose_accel
+from forkd.engine.child import Child
+from forkd.engine.parent import create_snapshot
+from forkd.engine.pool import Pool
+from forkd.engine.qemu import QemuBinary, qemu_binary
+from forkd.engine.restore import NETWORKS, finish_restore, launch_child, send_state
+from forkd.engine.snapshot import Snapshot, SnapshotStore, host_cpu_model, make_spec
+from forkd.engine.vm import VMProcess
+from forkd.errors import ForkdError, ValidationError
+from forkd.paths import run_dir as default_run_dir
+
+log = logging.getLogger(__name__)
+MAX_CHILDREN = 1000
+
+
+@dataclass
+class SpawnResult:
+    """One child of a spawn: the child, or the error that stopped it (the others are unaffected)."""
+
+    index: int
+    child: Child | None = None
+    error: str | None = None
+
+
+class Engine:
+    """Snapshots, children and pools under one snapshot root and one run dir."""
+
+    def __init__(self, snapshot_root: Path | None = None, run_dir: Path | None = None,
+                 accel: str | None = None) -> None:
+        self.store = SnapshotStore(snapshot_root)
+        self.run_dir = Path(run_dir) if run_dir is not None else default_run_dir()
+        self._accel_request = accel
+        self._pools: dict[str, Pool] = {}
+        self._lock = threading.Lock()
+
+    @functools.cached_property
+    def accel(self) -> AccelChoice:
+        return choose_accel(self._accel_request)
+
+    @functools.cached_property
+    def qemu(self) -> QemuBinary:
+        return qemu_binary()
+
+    @functools.cached_property
+    def host_cpu(self) -> str:
+        return host_cpu_model()
+
+    # -- snapshots
+    def create_snapshot(self, tag: str, *, memory_mib: int = 512, vcpus: int = 1, warm_code: str | None = None,
+                        boot_timeout: float = 300.0, keep_workdir: bool = False,
+                        step: Callable[[str], None] | None = None, image: Any = None) -> Snapshot:
+        """Boot a parent from the guest image, warm it and save it as snapshot ``tag``."""
+        from forkd.guest.image import require_image
+
+        spec, reason = make_spec(memory_mib, vcpus, self._accel_request)
+        if self.store.exists(tag):
+            self.store.stage(tag)  # raises SnapshotExistsError with the fix
+        img = image or require_image()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        return create_snapshot(self.store, tag, spec, reason, self.qemu, img, self.run_dir,
+                               warm_code=warm_code, boot_timeout=boot_timeout, keep_workdir=keep_workdir, step=step)
+
+    def open_snapshot(self, tag: str) -> Snapshot:
+        """Snapshot ``tag``, checked to be restorable on this host (files, hashes, QEMU, accelerator)."""
+        snap = self.store.open(tag)
+        snap.check_restorable(self.qemu, self.accel.name, self.host_cpu)
+        return snap
+
+    def delete_snapshot(self, tag: str) -> None:
+        with self._lock:
+            pool = self._pools.pop(tag, None)
+        if pool is not None:
+            pool.close()
+        self.store.delete(tag)
+
+    # -- pools
+    def start_pool(self, tag: str, size: int, network: str = "user") -> Pool:
+        """Keep ``size`` QEMUs waiting for snapshot ``tag`` (resizes an existing pool)."""
+        if size < 0:
+            raise ValidationError(f"pool size must be >= 0; got {size}")
+        with self._lock:
+            pool = self._pools.get(tag)
+            if pool is not None:
+                pool.resize(size)
+                return pool
+            snap = self.open_snapshot(tag)
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            pool = Pool(snap, self.qemu, self.run_dir, size, network)
+            self._pools[tag] = pool
+            return pool
+
+    def pool(self, tag: str) -> Pool | None:
+        with self._lock:
+            return self._pools.get(tag)
+
+    def close_pools(self) -> None:
+        with self._lock:
+            pools = list(self._pools.values())
+            self._pools.clear()
+        for p in pools:
+            p.close()
+
+    # -- children
+    def spawn(self, tag: str, n: int = 1, *, concurrency: int | None = None, timeout: float = 120.0,
+              network: str = "user", use_pool: bool = True) -> list[SpawnResult]:
+        """Start ``n`` children of snapshot ``tag``; each succeeds or fails on its own.
+
+        ``timeout`` (seconds) bounds each child's restore; ``concurrency`` is how many restore at once
+        (default: the number of CPUs).
+        """
+        if not isinstance(n, int) or not 1 <= n <= MAX_CHILDREN:
+            raise ValidationError(f"n must be an integer in 1..{MAX_CHILDREN}; got {n!r}")
+        if network not in NETWORKS:
+            raise ValidationError(f"network must be one of {', '.join(NETWORKS)}; got {network!r}")
+        snap = self.open_snapshot(tag)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        pool = self.pool(tag) if use_pool and network == "user" else None
+        workers = max(1, min(n, concurrency or os.cpu_count() or 2))
+
+        def one(i: int) -> SpawnResult:
+            try:
+                return SpawnResult(i, child=self._restore_one(snap, pool, timeout, network))
+            except ForkdError as e:
+                return SpawnResult(i, error=str(e))
+            except OSError as e:
+                return SpawnResult(i, error=f"{type(e).__name__}: {e}")
+
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="spawn") as ex:
+            return list(ex.map(one, range(n)))
+
+    def _restore_one(self, snap: Snapshot, pool: Pool | None, timeout: float, network: str) -> Child:
+        vm: VMProcess | None = pool.take() if pool is not None else None
+        t0 = time.monotonic()
+        try:
+            if vm is not None:
+                send_state(vm, snap)
+                return finish_restore(vm, snap, t0, timeout, from_pool=True)
+            vm = launch_child(snap, self.qemu, self.run_dir, network=network)
+            return finish_restore(vm, snap, t0, timeout)
+        except BaseException:
+            if vm is not None:
+                with contextlib.suppress(ForkdError, OSError):
+                    vm.kill(remove_workdir=True)
+            raise
+
+    def adopt(self, workdir: Path) -> Child:
+        """Reconnect to a child started by an earlier process (its work dir holds what we need)."""
+        vm = VMProcess.adopt(workdir)
+        return Child(id=vm.vm_id, snapshot=str(vm.meta.get("snapshot", "")), vm=vm,
+                     created_at=float(vm.meta.get("started_at", time.time())))
+
+    def close(self) -> None:
+        self.close_pools()

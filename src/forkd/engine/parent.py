@@ -1,0 +1,129 @@
+"""Creating a snapshot: boot a parent VM, wait for its agent, warm it, save it, never run it again."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from forkd.engine.qemu import MachineSpec, QemuBinary
+from forkd.engine.restore import CAPS
+from forkd.engine.snapshot import MEMORY_NAME, VMSTATE_NAME, Snapshot, SnapshotMeta, SnapshotStore, host_cpu_model
+from forkd.engine.vm import VMProcess
+from forkd.errors import AgentError, BootTimeoutError, ForkdError, SnapshotError, VMError
+from forkd.fsutil import tail
+
+Step = Callable[[str], None]
+# Paths every child exercises on first contact; running them once in the parent puts them in the snapshot.
+WARM_EVAL = "numpy.zeros(5).tolist() if numpy is not None else None"
+
+
+def boot_parent(vm_id: str, workdir: Path, qemu: QemuBinary, spec: MachineSpec, memory_path: Path,
+                image: object, boot_timeout: float) -> tuple[VMProcess, dict[str, object], float]:
+    """Start the parent and wait for the agent's ready line; BootTimeoutError carries the console tail."""
+    t0 = time.monotonic()
+    vm, ids = VMProcess.launch(
+        vm_id, workdir, qemu, spec, memory_path, share=True,
+        boot=(image.kernel, image.initramfs, image.cmdline),  # type: ignore[attr-defined]
+        qmp_ahead=[("migrate-set-capabilities", CAPS)], meta={"role": "parent"})
+    deadline = t0 + boot_timeout
+    ready = None
+    while ready is None:
+        ready = vm.channel.wait_ready(0.25)
+        if ready is not None:
+            break
+        if not vm.alive() or vm.channel.closed:
+            raise BootTimeoutError(f"the parent VM exited during boot ({vm.describe_exit()}); "
+                                   f"console tail:\n{tail(vm.workdir.console)}")
+        if time.monotonic() > deadline:
+            vm.kill(remove_workdir=False)
+            raise BootTimeoutError(f"the guest agent did not come up within {boot_timeout:.0f} s; "
+                                   f"console tail:\n{tail(vm.workdir.console)}")
+    for cid in ids:
+        vm.qmp.wait(cid, 30)
+    return vm, ready, time.monotonic() - t0
+
+
+def warm(vm: VMProcess, warm_code: str | None) -> dict[str, object]:
+    """Run the first-contact paths once (ping, eval, exec, files) and the user's warm-up code."""
+    ch = vm.channel
+    info = ch.call("ping", timeout=120)
+    ch.call("eval", timeout=120, expr=WARM_EVAL)
+    ch.call("exec", timeout=120, argv=["/bin/true"])
+    ch.call("file_stat", timeout=60, path="/")
+    if warm_code:
+        try:
+            ch.call("run_code", timeout=600, code=warm_code)
+        except AgentError as e:
+            raise SnapshotError(f"the warm-up code failed in the parent: {e}\n{e.traceback or ''}") from e
+    return info
+
+
+def save_state(vm: VMProcess, vmstate: Path, timeout: float = 120.0) -> float:
+    """Pause the parent and write its device state (RAM is already in the shared memory file)."""
+    t0 = time.monotonic()
+    vm.qmp.execute("stop", timeout=30)
+    fd = os.open(vmstate, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        vm.qmp.execute("getfd", {"fdname": "vmstate"}, fds=[fd], timeout=30)
+    finally:
+        os.close(fd)
+    vm.qmp.execute("migrate", {"uri": "fd:vmstate"}, timeout=30)
+    deadline = time.monotonic() + timeout
+    while True:
+        st = vm.qmp.execute("query-migrate", timeout=30)
+        status = st.get("status")
+        if status == "completed":
+            break
+        if status in ("failed", "cancelled") or time.monotonic() > deadline:
+            raise SnapshotError(f"saving the parent's state {status or 'timed out'}: {st.get('error-desc', '')}")
+        time.sleep(0.002)
+    return time.monotonic() - t0
+
+
+def create_snapshot(store: SnapshotStore, tag: str, spec: MachineSpec, accel_reason: str, qemu: QemuBinary,
+                    image: object, run_dir: Path, *, warm_code: str | None = None, boot_timeout: float = 300.0,
+                    keep_workdir: bool = False, step: Step | None = None) -> Snapshot:
+    """Boot, warm and save a parent as snapshot ``tag``. Nothing is left behind when it fails."""
+    say = step or (lambda _msg: None)
+    staging = store.stage(tag)
+    vm: VMProcess | None = None
+    ok = False
+    try:
+        say("booting parent VM")
+        vm_id = f"parent-{tag}-{secrets.token_hex(4)}"
+        vm, ready, boot_s = boot_parent(vm_id, run_dir / vm_id, qemu, spec, staging / MEMORY_NAME,
+                                        image, boot_timeout)
+        say(f"agent ready after {boot_s:.2f} s; warming")
+        t = time.monotonic()
+        info = warm(vm, warm_code)
+        warm_s = time.monotonic() - t
+        say("saving state")
+        save_s = save_state(vm, staging / VMSTATE_NAME)
+        vm.kill(remove_workdir=not keep_workdir)  # the parent must never run again: it shares memory.bin
+        say("hashing and publishing")
+        meta = SnapshotMeta(
+            tag=tag, created_at=time.time(), spec=spec, qemu=qemu.to_json(), accel_reason=accel_reason,
+            host_cpu=host_cpu_model(),
+            image={"id": image.image_id, "kernel_version": image.kernel_version},  # type: ignore[attr-defined]
+            guest={"agent_version": ready.get("agent_version"), "python": info.get("python"),
+                   "numpy": info.get("numpy")},
+            files={}, timings={"boot_s": round(boot_s, 3), "warm_s": round(warm_s, 3),
+                               "save_ms": round(save_s * 1000, 2)})
+        snap = store.publish(staging, meta)
+        ok = True
+        return snap
+    except ForkdError:
+        raise
+    except OSError as e:
+        raise SnapshotError(f"creating snapshot {tag} failed: {e}") from e
+    finally:
+        if vm is not None and vm.alive():
+            try:
+                vm.kill(remove_workdir=not keep_workdir)
+            except VMError:
+                pass
+        if not ok:
+            store.discard(staging)

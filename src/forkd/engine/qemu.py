@@ -1,0 +1,152 @@
+"""QEMU binary discovery and the command lines of parent and child VMs.
+
+Parent and children must present the guest with exactly the same machine and devices (their state is
+in ``vmstate``); only host-side backends (sockets, files, network) differ per process. ``MachineSpec``
+holds the guest-visible part and is recorded in ``snapshot.json``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from forkd.errors import VMError
+
+AGENT_PORT_NAME = "org.forkd.agent"
+GUEST_MAC = "52:54:00:12:34:56"
+# QEMU's own seccomp filter: a compromised QEMU cannot exec, raise privileges or use obsolete calls.
+SANDBOX_OPTS = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+
+
+@dataclass(frozen=True)
+class QemuBinary:
+    """A qemu-system-x86_64 binary and its version."""
+
+    path: str
+    version: str  # "7.2.22"
+    package: str  # "Debian 1:7.2+dfsg-7+deb12u18+b3"
+
+    def to_json(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def qemu_path() -> str:
+    """Path of qemu-system-x86_64 (``$FORKD_QEMU`` overrides); VMError with an install hint if absent."""
+    cand = os.environ.get("FORKD_QEMU") or shutil.which("qemu-system-x86_64")
+    if not cand or not os.access(cand, os.X_OK):
+        raise VMError("qemu-system-x86_64 not found; install it with: apt-get install -y qemu-system-x86")
+    return cand
+
+
+@functools.lru_cache(maxsize=8)
+def _probe(path: str) -> QemuBinary:
+    try:
+        out = subprocess.run([path, "-version"], capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise VMError(f"{path} -version failed: {e}") from e
+    m = re.search(r"version (\d+\.\d+\.\d+)\s*(?:\((.*?)\))?", out)
+    if not m:
+        raise VMError(f"cannot parse the QEMU version from: {out.strip()[:200]!r}")
+    return QemuBinary(path=path, version=m.group(1), package=m.group(2) or "")
+
+
+def qemu_binary() -> QemuBinary:
+    """The QEMU binary forkd uses, probed once per process."""
+    return _probe(qemu_path())
+
+
+@dataclass(frozen=True)
+class MachineSpec:
+    """Everything the guest can see; identical for a parent and all of its children."""
+
+    memory_mib: int = 512
+    vcpus: int = 1
+    machine: str = "microvm"
+    machine_opts: str = "x-option-roms=off"
+    accel: str = "tcg"
+    accel_opts: str = ""
+    cpu: str = "max"
+    devices: tuple[str, ...] = field(default_factory=lambda: default_devices())
+
+    def to_json(self) -> dict[str, object]:
+        d = asdict(self)
+        d["devices"] = list(self.devices)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, object]) -> MachineSpec:
+        return cls(
+            memory_mib=int(d["memory_mib"]),  # type: ignore[call-overload]
+            vcpus=int(d["vcpus"]),  # type: ignore[call-overload]
+            machine=str(d["machine"]),
+            machine_opts=str(d["machine_opts"]),
+            accel=str(d["accel"]),
+            accel_opts=str(d.get("accel_opts", "")),
+            cpu=str(d["cpu"]),
+            devices=tuple(str(x) for x in d["devices"]),  # type: ignore[attr-defined]
+        )
+
+
+def default_devices() -> tuple[str, ...]:
+    """Guest devices in a fixed order (microvm assigns virtio-mmio slots in command-line order)."""
+    return (
+        "virtio-serial-device,id=vser0",
+        f"virtserialport,chardev=agent,name={AGENT_PORT_NAME},bus=vser0.0",
+        f"virtio-net-device,netdev=net0,mac={GUEST_MAC}",
+    )
+
+
+def default_accel_opts(accel: str) -> str:
+    # A smaller translation cache costs little guest speed and keeps per-child memory down.
+    return "tb-size=32" if accel == "tcg" else ""
+
+
+@dataclass
+class HostSide:
+    """Per-process host backends: socket fds, log files, network."""
+
+    name: str
+    agent_fd: int
+    qmp_fd: int
+    console_path: Path
+    netdev: str = "user,id=net0"
+    sandbox: bool = True
+
+
+def build_argv(qemu: QemuBinary, spec: MachineSpec, host: HostSide, memory_path: Path, *,
+               share: bool, boot: tuple[Path, Path, str] | None = None, incoming: bool = False) -> list[str]:
+    """The QEMU command line.
+
+    ``share=True`` maps ``memory_path`` MAP_SHARED (a parent writing its RAM into the snapshot file);
+    ``share=False`` maps it MAP_PRIVATE (a child: copy-on-write over the snapshot).
+    ``boot`` is (kernel, initrd, cmdline) for a parent; children boot from the state instead and need none.
+    """
+    accel = spec.accel + (f",{spec.accel_opts}" if spec.accel_opts else "")
+    machine = spec.machine + (f",{spec.machine_opts}" if spec.machine_opts else "") + ",memory-backend=mem"
+    mem = (f"memory-backend-file,id=mem,size={spec.memory_mib}M,mem-path={memory_path},"
+           f"share={'on' if share else 'off'}")
+    argv = [qemu.path, "-name", host.name, "-nodefaults", "-no-user-config", "-display", "none",
+            "-accel", accel, "-cpu", spec.cpu, "-smp", str(spec.vcpus), "-m", f"{spec.memory_mib}M",
+            "-machine", machine, "-object", mem]
+    if host.sandbox:
+        argv += ["-sandbox", SANDBOX_OPTS]
+    if boot is not None:
+        kernel, initrd, cmdline = boot
+        argv += ["-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline]
+    argv += ["-serial", f"file:{host.console_path}",
+             "-chardev", f"socket,id=agent,fd={host.agent_fd},server=on,wait=off",
+             "-chardev", f"socket,id=qmp,fd={host.qmp_fd},server=on,wait=off",
+             "-mon", "chardev=qmp,mode=control",
+             "-netdev", host.netdev]
+    for dev in spec.devices:
+        argv += ["-device", dev]
+    # No global-state section in the stream: a child runs as soon as the state is loaded (no 'cont').
+    argv += ["-global", "migration.store-global-state=off"]
+    if incoming:
+        argv += ["-incoming", "defer"]
+    return argv

@@ -1,0 +1,102 @@
+"""Turning a snapshot into running children: cold launches, pre-started (pooled) QEMUs, activation.
+
+A child maps the snapshot's ``memory.bin`` MAP_PRIVATE (copy-on-write), loads ``vmstate`` through an
+inherited fd, and runs as soon as the load completes. Its first message is the agent's ``fresh`` step
+(clock + RNG), written before the guest even runs.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+from forkd.engine.child import Child
+from forkd.engine.qemu import QemuBinary
+from forkd.engine.snapshot import Snapshot
+from forkd.engine.vm import VMProcess
+from forkd.errors import AgentError, ChannelClosedError, ForkdError, VMError
+
+CAPS = {"capabilities": [{"capability": "x-ignore-shared", "state": True},
+                         {"capability": "events", "state": True}]}
+NETWORKS = ("user", "none")
+
+
+def new_child_id() -> str:
+    """An unguessable sandbox id (64 random bits)."""
+    return "sb-" + secrets.token_hex(8)
+
+
+def netdev_for(network: str) -> str:
+    """QEMU -netdev for a child: its own user-mode stack, or one that reaches nothing (``none``)."""
+    if network == "none":
+        return "user,id=net0,restrict=on"
+    return "user,id=net0"
+
+
+def launch_child(snap: Snapshot, qemu: QemuBinary, run_dir: Path, *, child_id: str | None = None,
+                 network: str = "user", preload: bool = True, meta: dict[str, Any] | None = None) -> VMProcess:
+    """Start a child QEMU waiting for its state (``preload=False``: a pool member) or loading it now."""
+    child_id = child_id or new_child_id()
+    ahead: list[tuple[str, dict[str, Any] | None]] = [("migrate-set-capabilities", CAPS)]
+    pass_fds: tuple[int, ...] = ()
+    fd = -1
+    if preload:
+        fd = os.open(snap.vmstate, os.O_RDONLY | os.O_CLOEXEC)
+        pass_fds = (fd,)
+        ahead.append(("migrate-incoming", {"uri": f"fd:{fd}"}))
+    try:
+        vm, _ = VMProcess.launch(
+            child_id, run_dir / child_id, qemu, snap.meta.spec, snap.memory, share=False, incoming=True,
+            netdev=netdev_for(network), pass_fds=pass_fds, qmp_ahead=ahead,
+            meta={"role": "child", "snapshot": snap.tag, "network": network, **(meta or {})})
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    return vm
+
+
+def send_state(vm: VMProcess, snap: Snapshot) -> None:
+    """Hand a waiting (pooled) QEMU the snapshot's vmstate and start the load."""
+    fd = os.open(snap.vmstate, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        vm.qmp.send("getfd", {"fdname": "vmstate"}, fds=[fd])
+    finally:
+        os.close(fd)
+    vm.qmp.send("migrate-incoming", {"uri": "fd:vmstate"})
+
+
+def wait_waiting(vm: VMProcess, timeout: float = 60.0) -> None:
+    """Block until a pool member's QEMU has answered its set-up commands (it is ready to take state)."""
+    for cid in sorted(vm.qmp.commands):
+        vm.qmp.wait(cid, timeout)
+
+
+def finish_restore(vm: VMProcess, snap: Snapshot, t_launch: float, timeout: float,
+                   from_pool: bool = False) -> Child:
+    """Send ``fresh`` and wait for its reply: the child is then running, with its own clock and RNG."""
+    child = Child(id=vm.vm_id, snapshot=snap.tag, vm=vm, from_pool=from_pool)
+    try:
+        fut = vm.channel.submit("fresh", time=time.time(), entropy_b64=base64.b64encode(os.urandom(64)).decode())
+        res = vm.channel.result("fresh", fut, timeout)
+    except ChannelClosedError as e:
+        raise VMError(f"child {vm.vm_id} of {snap.tag} died while restoring: {vm.describe_exit()}") from e
+    except AgentError as e:
+        raise VMError(f"child {vm.vm_id} of {snap.tag}: the agent's fresh step failed: {e}") from e
+    except ForkdError as e:
+        if not vm.alive():
+            raise VMError(f"child {vm.vm_id} of {snap.tag} died while restoring: {vm.describe_exit()}") from e
+        raise VMError(f"child {vm.vm_id} of {snap.tag} did not answer within {timeout} s after restore; "
+                      f"console: {vm.workdir.console}") from e
+    now = time.time()
+    child.ready_s = time.monotonic() - t_launch
+    child.fresh = res
+    if isinstance(res.get("time"), (int, float)):
+        child.clock_skew_s = float(res["time"]) - now
+    # Collect the QMP replies (all written ahead); a refused command is reported, not ignored.
+    for cid in sorted(vm.qmp.commands):
+        vm.qmp.wait(cid, timeout=10)
+    return child

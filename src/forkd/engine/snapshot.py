@@ -1,0 +1,281 @@
+"""Snapshots on disk: ``<root>/<tag>/{memory.bin, vmstate, snapshot.json}``.
+
+A snapshot is written into a staging directory and renamed into place only once every file is
+complete and fsynced, so a crash never leaves a directory that looks like a valid snapshot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from forkd import __version__
+from forkd.engine.accel import choose_accel
+from forkd.engine.qemu import MachineSpec, QemuBinary, default_accel_opts, default_devices, qemu_binary
+from forkd.engine.verify import remember_verified, verify_sha256
+from forkd.errors import (
+    SnapshotExistsError,
+    SnapshotInvalidError,
+    SnapshotNotFoundError,
+    ValidationError,
+)
+from forkd.fsutil import allocated_bytes, atomic_write_json, fsync_dir, fsync_file, sha256_file
+from forkd.paths import snapshot_root, validate_tag
+
+FORMAT = 1
+META_NAME = "snapshot.json"
+MEMORY_NAME = "memory.bin"
+VMSTATE_NAME = "vmstate"
+MIN_MEMORY_MIB, MAX_MEMORY_MIB = 128, 65536
+MAX_VCPUS = 64
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class SnapshotMeta:
+    """The contents of ``snapshot.json``."""
+
+    tag: str
+    created_at: float
+    spec: MachineSpec
+    qemu: dict[str, str]
+    accel_reason: str
+    host_cpu: str
+    image: dict[str, str]
+    guest: dict[str, Any]
+    files: dict[str, dict[str, Any]]
+    timings: dict[str, float] = field(default_factory=dict)
+    parent: str | None = None
+    forkd_version: str = __version__
+    format: int = FORMAT
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": self.format, "tag": self.tag, "created_at": self.created_at,
+            "forkd_version": self.forkd_version, "machine": self.spec.to_json(), "qemu": self.qemu,
+            "accel_reason": self.accel_reason, "host_cpu": self.host_cpu, "image": self.image,
+            "guest": self.guest, "files": self.files, "timings": self.timings, "parent": self.parent,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> SnapshotMeta:
+        if d.get("format") != FORMAT:
+            raise ValueError(f"unsupported snapshot format {d.get('format')!r} (this forkd reads {FORMAT})")
+        return cls(
+            tag=str(d["tag"]), created_at=float(d["created_at"]), spec=MachineSpec.from_json(d["machine"]),
+            qemu=dict(d["qemu"]), accel_reason=str(d.get("accel_reason", "")),
+            host_cpu=str(d.get("host_cpu", "")), image=dict(d.get("image", {})), guest=dict(d.get("guest", {})),
+            files={k: dict(v) for k, v in d["files"].items()}, timings=dict(d.get("timings", {})),
+            parent=d.get("parent"), forkd_version=str(d.get("forkd_version", "")), format=int(d["format"]),
+        )
+
+
+@dataclass
+class Snapshot:
+    """A snapshot directory and its metadata."""
+
+    path: Path
+    meta: SnapshotMeta
+
+    @property
+    def tag(self) -> str:
+        return self.meta.tag
+
+    @property
+    def memory(self) -> Path:
+        return self.path / MEMORY_NAME
+
+    @property
+    def vmstate(self) -> Path:
+        return self.path / VMSTATE_NAME
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-friendly description (what ``forkd snapshot info`` prints)."""
+        mem_alloc = allocated_bytes(self.memory) if self.memory.exists() else 0
+        return {
+            "tag": self.tag, "path": str(self.path), "created_at": self.meta.created_at,
+            "memory_mib": self.meta.spec.memory_mib, "vcpus": self.meta.spec.vcpus,
+            "accel": self.meta.spec.accel, "cpu": self.meta.spec.cpu, "machine": self.meta.spec.machine,
+            "qemu_version": self.meta.qemu.get("version"), "image_id": self.meta.image.get("id"),
+            "guest": self.meta.guest, "vmstate_bytes": self.meta.files[VMSTATE_NAME]["size"],
+            "memory_bytes": self.meta.files[MEMORY_NAME]["size"], "memory_allocated_bytes": mem_alloc,
+            "timings": self.meta.timings, "parent": self.meta.parent,
+        }
+
+    def check_restorable(self, qemu: QemuBinary, accel: str, host_cpu: str) -> None:
+        """Fail at once, naming the problem, if this snapshot cannot be restored here."""
+        m = self.meta
+        problems = []
+        if m.qemu.get("version") != qemu.version:
+            problems.append(f"it was made with QEMU {m.qemu.get('version')}, this host has QEMU {qemu.version}")
+        if m.spec.accel != accel:
+            problems.append(f"it was made with accelerator {m.spec.accel}, this host uses {accel}")
+        if m.spec.accel == "kvm" and m.host_cpu and host_cpu and m.host_cpu != host_cpu:
+            problems.append(f"it was made on CPU {m.host_cpu!r} with -cpu host, this CPU is {host_cpu!r}")
+        if problems:
+            raise SnapshotInvalidError(f"snapshot {self.tag} cannot be restored here: " + "; ".join(problems)
+                                       + f". Re-create it on this host (forkd snapshot create --tag {self.tag}).")
+        self.check_files()
+
+    def check_files(self) -> None:
+        """Every file present with its recorded size; vmstate and memory.bin match their sha256."""
+        for name in (VMSTATE_NAME, MEMORY_NAME):
+            rec = self.meta.files.get(name)
+            p = self.path / name
+            if rec is None:
+                raise SnapshotInvalidError(f"snapshot {self.tag}: {META_NAME} records no {name}")
+            try:
+                size = p.stat().st_size
+            except FileNotFoundError as e:
+                raise SnapshotInvalidError(f"snapshot {self.tag}: {name} is missing ({p})") from e
+            if size != rec["size"]:
+                raise SnapshotInvalidError(
+                    f"snapshot {self.tag}: {name} is {size} bytes, {META_NAME} records {rec['size']} "
+                    "(truncated or replaced)")
+        for name in (VMSTATE_NAME, MEMORY_NAME):
+            verify_sha256(self.path / name, self.meta.files[name]["sha256"], f"snapshot {self.tag}")
+
+
+def host_cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def validate_machine(memory_mib: int, vcpus: int) -> None:
+    if not isinstance(memory_mib, int) or not MIN_MEMORY_MIB <= memory_mib <= MAX_MEMORY_MIB:
+        raise ValidationError(f"memory_mib must be an integer in {MIN_MEMORY_MIB}..{MAX_MEMORY_MIB}; got {memory_mib!r}")
+    if not isinstance(vcpus, int) or not 1 <= vcpus <= MAX_VCPUS:
+        raise ValidationError(f"vcpus must be an integer in 1..{MAX_VCPUS}; got {vcpus!r}")
+
+
+def make_spec(memory_mib: int = 512, vcpus: int = 1, accel: str | None = None) -> tuple[MachineSpec, str]:
+    """The machine a new snapshot gets, and why that accelerator."""
+    validate_machine(memory_mib, vcpus)
+    choice = choose_accel(accel)
+    spec = MachineSpec(memory_mib=memory_mib, vcpus=vcpus, accel=choice.name,
+                       accel_opts=default_accel_opts(choice.name), cpu=choice.cpu_model,
+                       devices=default_devices())
+    return spec, choice.reason
+
+
+class SnapshotStore:
+    """The snapshot root directory: list, open, stage, publish and delete snapshots."""
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = Path(root) if root is not None else snapshot_root()
+
+    def path(self, tag: str) -> Path:
+        return self.root / validate_tag(tag)
+
+    def exists(self, tag: str) -> bool:
+        return self.path(tag).exists()
+
+    def open(self, tag: str) -> Snapshot:
+        """The snapshot ``tag``: SnapshotNotFoundError if absent, SnapshotInvalidError if its metadata is bad."""
+        p = self.path(tag)
+        if not p.is_dir():
+            raise SnapshotNotFoundError(f"snapshot {tag} not found in {self.root}")
+        try:
+            meta = SnapshotMeta.from_json(json.loads((p / META_NAME).read_text()))
+        except FileNotFoundError as e:
+            raise SnapshotInvalidError(f"snapshot {tag}: {META_NAME} is missing ({p})") from e
+        except (ValueError, KeyError, TypeError) as e:
+            raise SnapshotInvalidError(f"snapshot {tag}: {META_NAME} is corrupt: {e}") from e
+        if meta.tag != tag:
+            raise SnapshotInvalidError(f"snapshot {tag}: {META_NAME} says its tag is {meta.tag!r}")
+        return Snapshot(p, meta)
+
+    def list(self) -> list[tuple[str, Snapshot | None, str | None]]:
+        """Every snapshot directory as (tag, snapshot or None, error or None), sorted by tag."""
+        out: list[tuple[str, Snapshot | None, str | None]] = []
+        if not self.root.is_dir():
+            return out
+        for d in sorted(self.root.iterdir()):
+            if d.name.startswith(".") or not d.is_dir():
+                continue
+            try:
+                out.append((d.name, self.open(d.name), None))
+            except (SnapshotInvalidError, ValidationError) as e:
+                out.append((d.name, None, str(e)))
+        return out
+
+    def stage(self, tag: str) -> Path:
+        """A fresh staging directory for snapshot ``tag`` (published later with ``publish``)."""
+        validate_tag(tag)
+        if self.exists(tag):
+            raise SnapshotExistsError(f"snapshot {tag} already exists; delete it first (forkd snapshot rm {tag})")
+        self.root.mkdir(parents=True, exist_ok=True)
+        staging = self.root / f".staging-{tag}-{os.getpid()}-{secrets.token_hex(4)}"
+        staging.mkdir(mode=0o755)
+        return staging
+
+    def publish(self, staging: Path, meta: SnapshotMeta) -> Snapshot:
+        """Hash and fsync the staged files, write snapshot.json, then rename the directory into place."""
+        for name in (VMSTATE_NAME, MEMORY_NAME):
+            p = staging / name
+            fsync_file(p)
+            digest = sha256_file(p)
+            meta.files[name] = {"size": p.stat().st_size, "sha256": digest}
+        atomic_write_json(staging / META_NAME, meta.to_json())
+        fsync_dir(staging)
+        final = self.path(meta.tag)
+        try:
+            os.rename(staging, final)  # fails if the target exists and is not empty
+        except OSError as e:
+            raise SnapshotExistsError(f"snapshot {meta.tag} appeared while it was being created: {e}") from e
+        fsync_dir(self.root)
+        for name in (VMSTATE_NAME, MEMORY_NAME):
+            remember_verified(final / name, meta.files[name]["sha256"])
+        return Snapshot(final, meta)
+
+    def discard(self, staging: Path) -> None:
+        shutil.rmtree(staging, ignore_errors=True)
+
+    def delete(self, tag: str) -> None:
+        """Remove snapshot ``tag`` (renamed away first, so it disappears atomically)."""
+        p = self.path(tag)
+        if not p.exists():
+            raise SnapshotNotFoundError(f"snapshot {tag} not found in {self.root}")
+        trash = self.root / f".deleting-{tag}-{secrets.token_hex(4)}"
+        os.rename(p, trash)
+        fsync_dir(self.root)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def sweep_staging(self) -> list[Path]:
+        """Remove staging/deleting leftovers of crashed operations (never those of a live process)."""
+        removed: list[Path] = []
+        if not self.root.is_dir():
+            return removed
+        for d in self.root.iterdir():
+            if d.name.startswith(".staging-"):
+                parts = d.name.rsplit("-", 2)
+                pid = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else 0
+                if pid and _pid_alive(pid):
+                    continue
+            elif not d.name.startswith(".deleting-"):
+                continue
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+        return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

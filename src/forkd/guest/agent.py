@@ -1,0 +1,638 @@
+"""forkd guest agent: serves the JSON-lines protocol of docs/agent-protocol.md inside the microVM.
+
+Runs as PID 1 (``/usr/bin/python3.11 -S -E /forkd/agent.py``), stdlib only, self-contained: this file is
+copied into the guest image alone. ``--stdio`` serves on stdin/stdout instead of the virtio port.
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import builtins
+import collections
+import contextlib
+import fcntl
+import functools
+import glob
+import hashlib
+import io
+import itertools
+import json
+import linecache
+import math
+import os
+import random
+import re
+import selectors
+import shutil
+import signal
+import stat
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+AGENT_VERSION = "1"
+PORT_NAME = "org.forkd.agent"
+DIST_PACKAGES = "/usr/lib/python3/dist-packages"
+MAX_LINE = MAX_READ = 64 * 1024 * 1024
+RNDADDENTROPY, RNDRESEEDCRNG = 0x40085203, 0x5207
+START = time.clock_gettime(time.CLOCK_MONOTONIC)
+PYTHON = "{}.{}.{}".format(*sys.version_info[:3])
+_REQUIRED: Any = object()
+NoneType = type(None)
+Request = dict[str, Any]
+
+if os.path.isdir(DIST_PACKAGES) and DIST_PACKAGES not in sys.path:
+    sys.path.append(DIST_PACKAGES)
+try:
+    import numpy
+except Exception:  # absent or broken: numpy is optional
+    numpy = None  # type: ignore[assignment]
+
+# The persistent namespace shared by eval and run_code, pre-loaded with the warm set.
+G: dict[str, Any] = {"__name__": "__main__", "__builtins__": builtins}
+for _mod in (json, re, math, random, hashlib, base64, collections, itertools, functools, subprocess,
+             os, sys, time):
+    G[_mod.__name__] = _mod
+if numpy is not None:
+    G["numpy"] = G["np"] = numpy
+
+EVAL_LOCK = threading.Lock()
+MANAGED: set[int] = set()  # pids whose exit status an `exec` request is waiting for
+MANAGED_LOCK = threading.Lock()
+_cells = itertools.count(1)
+
+
+class BadRequest(Exception):
+    """The request is malformed; the message names the offending field."""
+
+
+class UnknownOp(Exception):
+    """The request names an op the agent does not implement."""
+
+
+class ReplyError(Exception):
+    """Carries a ready-made error payload (for errors with extra fields, e.g. captured output)."""
+
+    def __init__(self, error: dict[str, Any]) -> None:
+        super().__init__(error.get("message"))
+        self.error = error
+
+
+# ---------------------------------------------------------------- helpers
+def _arg(req: Request, name: str, types: type | tuple[type, ...], default: Any = _REQUIRED,
+         minimum: float | None = None) -> Any:
+    """req[name] checked against `types` (a bool never passes for int/float) and `minimum`."""
+    if name not in req:
+        if default is _REQUIRED:
+            raise BadRequest(f"missing required field '{name}'")
+        return default
+    value, types = req[name], types if isinstance(types, tuple) else (types,)
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        names = " or ".join("null" if t is NoneType else t.__name__ for t in types)
+        raise BadRequest(f"field '{name}' must be {names}, got {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise BadRequest(f"field '{name}' must be a finite number")
+    if minimum is not None and value is not None and value < minimum:
+        raise BadRequest(f"field '{name}' must be >= {minimum}")
+    return value
+
+
+def _b64(req: Request, name: str) -> bytes:
+    """Decode a required base64 field."""
+    try:
+        return base64.b64decode(_arg(req, name, str), validate=True)
+    except ValueError as e:
+        raise BadRequest(f"field '{name}' is not valid base64: {e}") from None
+
+
+def _path(req: Request) -> str:
+    path = _arg(req, "path", str)
+    if not path:
+        raise BadRequest("field 'path' must not be empty")
+    return path
+
+
+def _json_value(value: Any) -> Any:
+    """The value itself if it is JSON-serializable (strictly: no NaN/inf), else None."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except Exception:
+        return None
+    return value
+
+
+def _user_tb(exc: BaseException) -> str:
+    """Format an exception raised by user code, without the agent's own frames."""
+    tb, here = exc.__traceback__, _user_tb.__code__.co_filename
+    while tb is not None and tb.tb_frame.f_code.co_filename == here:
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
+def _error(exc: BaseException, tb: str | None) -> dict[str, Any]:
+    """The error payload for an exception (OSErrors also carry `errno`)."""
+    err: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc), "traceback": tb}
+    if isinstance(exc, OSError) and exc.errno is not None:
+        err["errno"] = exc.errno
+    return err
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+# ---------------------------------------------------------------- ping / eval / run_code
+def op_ping(req: Request) -> dict[str, Any]:
+    """Liveness and identity."""
+    return {"agent_version": AGENT_VERSION, "python": PYTHON, "numpy": getattr(numpy, "__version__", None),
+            "uptime_s": time.clock_gettime(time.CLOCK_MONOTONIC) - START, "pid": os.getpid(),
+            "time": time.time()}
+
+
+def op_eval(req: Request) -> dict[str, Any]:
+    """Evaluate one expression in the persistent namespace."""
+    expr = _arg(req, "expr", str)
+    with EVAL_LOCK:
+        try:
+            value = eval(compile(expr, "<eval>", "eval"), G)
+        except BaseException as e:
+            raise ReplyError(_error(e, _user_tb(e))) from None
+        return {"repr": repr(value), "value": _json_value(value), "type": type(value).__name__}
+
+
+def _compile_cell(code: str) -> tuple[Any, Any]:
+    """Compile a cell into (statements, trailing expression or None); its source feeds tracebacks."""
+    filename = f"<run_code-{next(_cells)}>"
+    linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+    tree = ast.parse(code, filename, "exec")
+    last = None
+    if tree.body and isinstance(tree.body[-1], ast.Expr):
+        last = compile(ast.Expression(tree.body.pop().value), filename, "eval")
+    return compile(tree, filename, "exec"), last
+
+
+def op_run_code(req: Request) -> dict[str, Any]:
+    """Run statements in the persistent namespace, capturing output and the last expression's value."""
+    code = _arg(req, "code", str)
+    out, err = io.StringIO(), io.StringIO()
+    with EVAL_LOCK, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            body, last = _compile_cell(code)
+            exec(body, G)
+            value = eval(last, G) if last is not None else None
+        except BaseException as e:
+            error = _error(e, _user_tb(e))
+            error.update(stdout=out.getvalue(), stderr=err.getvalue())
+            raise ReplyError(error) from None
+    shown = value is not None  # like a REPL: a trailing None is not echoed
+    return {"stdout": out.getvalue(), "stderr": err.getvalue(),
+            "repr": repr(value) if shown else None, "value": _json_value(value) if shown else None}
+
+
+# ---------------------------------------------------------------- exec
+def _exec_args(req: Request) -> dict[str, Any]:
+    """Validate the arguments of `exec`."""
+    argv = _arg(req, "argv", list)
+    if not argv or not all(isinstance(a, str) for a in argv):
+        raise BadRequest("field 'argv' must be a non-empty list of strings")
+    env = _arg(req, "env", (dict, NoneType), None)
+    if env is not None and not all(isinstance(v, str) for v in env.values()):
+        raise BadRequest("field 'env' must map strings to strings")
+    stdin = _arg(req, "stdin", (str, NoneType), None)
+    data = stdin.encode("utf-8", "surrogatepass") if stdin is not None else None
+    if req.get("stdin_b64") is not None:
+        if data is not None:
+            raise BadRequest("fields 'stdin' and 'stdin_b64' are mutually exclusive")
+        data = _b64(req, "stdin_b64")
+    return {"argv": argv, "env": {**os.environ, **env} if env else None, "data": data,
+            "cwd": _arg(req, "cwd", (str, NoneType), None),
+            "timeout": _arg(req, "timeout", (int, float, NoneType), 30.0, minimum=0),
+            "max_output": _arg(req, "max_output", int, 1024 * 1024, minimum=0)}
+
+
+def _killpg(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _pump(proc: subprocess.Popen[bytes], data: bytes | None, deadline: float | None,
+          max_output: int) -> tuple[list[bytearray], list[bool], bool]:
+    """Feed stdin and drain stdout/stderr until EOF, killing the process group at the deadline.
+
+    Keeps at most `max_output` bytes per stream but always drains the pipes.
+    Returns ([stdout, stderr] bytes kept, [stdout, stderr] truncated flags, timed_out).
+    """
+    assert proc.stdout is not None and proc.stderr is not None
+    streams = [proc.stdout.fileno(), proc.stderr.fileno()]
+    files: dict[int, Any] = {streams[0]: proc.stdout, streams[1]: proc.stderr}
+    bufs, truncated = {fd: bytearray() for fd in streams}, dict.fromkeys(streams, False)
+    sel = selectors.DefaultSelector()
+    for fd in streams:
+        sel.register(fd, selectors.EVENT_READ)
+    pos, view = 0, memoryview(data or b"")
+    if proc.stdin is not None:
+        files[proc.stdin.fileno()] = proc.stdin
+        os.set_blocking(proc.stdin.fileno(), False)
+        sel.register(proc.stdin.fileno(), selectors.EVENT_WRITE)
+    timed_out = False
+    while sel.get_map():
+        wait = None if deadline is None else deadline - time.monotonic()
+        if wait is not None and wait <= 0:
+            if timed_out:
+                break  # a process outside the group still holds the pipes: stop waiting for them
+            timed_out, deadline = True, time.monotonic() + 2.0
+            _killpg(proc)
+            continue
+        for key, _ in sel.select(wait):
+            fd = key.fd
+            try:
+                if fd in bufs:
+                    chunk = os.read(fd, 65536)
+                    room = max(0, max_output - len(bufs[fd]))
+                    bufs[fd] += chunk[:room]
+                    truncated[fd] = truncated[fd] or len(chunk) > room
+                    done = not chunk
+                else:  # stdin
+                    pos += os.write(fd, view[pos:pos + 65536])
+                    done = pos >= len(view)
+            except BlockingIOError:
+                continue
+            except OSError:  # EPIPE: the child closed its stdin
+                done = True
+            if done:
+                sel.unregister(fd)
+                with contextlib.suppress(OSError):
+                    files[fd].close()
+    sel.close()
+    for f in files.values():
+        with contextlib.suppress(OSError):
+            f.close()
+    return [bufs[fd] for fd in streams], [truncated[fd] for fd in streams], timed_out
+
+
+def _text(buf: bytearray, truncated: bool, limit: int) -> str:
+    text = buf.decode("utf-8", "replace")
+    return text + f"\n[forkd: output truncated at {limit} bytes]" if truncated else text
+
+
+def op_exec(req: Request) -> dict[str, Any]:
+    """Run a program in a new session, with a timeout and bounded output capture."""
+    a = _exec_args(req)
+    start = time.monotonic()
+    deadline = None if a["timeout"] is None else start + a["timeout"]
+    with MANAGED_LOCK:  # the reaper must not see the child before it is registered
+        proc = subprocess.Popen(a["argv"], env=a["env"], cwd=a["cwd"], start_new_session=True,
+                                stdin=subprocess.PIPE if a["data"] else subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        MANAGED.add(proc.pid)
+    try:
+        bufs, truncated, timed_out = _pump(proc, a["data"], deadline, a["max_output"])
+        try:  # the pipes may close before the process exits
+            proc.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+    finally:
+        if proc.returncode is None:
+            _killpg(proc)
+            proc.wait()
+        with MANAGED_LOCK:
+            MANAGED.discard(proc.pid)
+    return {"exit_code": proc.returncode, "timed_out": timed_out,
+            "stdout": _text(bufs[0], truncated[0], a["max_output"]),
+            "stderr": _text(bufs[1], truncated[1], a["max_output"]),
+            "stdout_truncated": truncated[0], "stderr_truncated": truncated[1],
+            "duration_s": time.monotonic() - start}
+
+
+# ---------------------------------------------------------------- files
+def _entry(path: str, name: str | None = None) -> dict[str, Any]:
+    """A stat entry (lstat: a symlink is reported, not followed)."""
+    st = os.lstat(path)
+    kind = ("dir" if stat.S_ISDIR(st.st_mode) else "file" if stat.S_ISREG(st.st_mode)
+            else "symlink" if stat.S_ISLNK(st.st_mode) else "other")
+    return {"name": name if name is not None else os.path.basename(path.rstrip("/")) or path,
+            "path": path, "type": kind, "size": st.st_size, "mode": stat.S_IMODE(st.st_mode),
+            "mtime": st.st_mtime}
+
+
+def op_file_read(req: Request) -> dict[str, Any]:
+    """Read up to `length` bytes (at most 64 MiB) from `offset`."""
+    path, offset = _path(req), _arg(req, "offset", int, 0, minimum=0)
+    length = _arg(req, "length", (int, NoneType), None, minimum=0)
+    want = MAX_READ if length is None else min(length, MAX_READ)
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        f.seek(offset)
+        data = f.read(want)
+    eof = len(data) < want or (stat.S_ISREG(st.st_mode) and offset + len(data) >= st.st_size)
+    return {"data_b64": base64.b64encode(data).decode("ascii"), "size": st.st_size, "eof": eof}
+
+
+def _finish(fd: int, data: bytes, mode: int | None) -> None:
+    """Write everything, set the mode (if given), fsync and close."""
+    try:
+        _write_all(fd, data)
+        if mode is not None:
+            os.fchmod(fd, mode)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def op_file_write(req: Request) -> dict[str, Any]:
+    """Write a file atomically (temp file + fsync + rename), or append to it."""
+    path, data = _path(req), _b64(req, "data_b64")
+    append, mode = _arg(req, "append", bool, False), _arg(req, "mode", int, 0o644, minimum=0)
+    if mode > 0o7777:
+        raise BadRequest("field 'mode' must be permission bits (at most 0o7777)")
+    parent = os.path.dirname(path) or "."
+    if _arg(req, "make_parents", bool, True):
+        os.makedirs(parent, exist_ok=True)
+    if append:  # `mode` applies only if the file is created
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC
+        try:
+            _finish(os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o600), data, mode)
+        except FileExistsError:
+            _finish(os.open(path, flags), data, None)
+        return {"bytes_written": len(data)}
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".forkd-tmp", dir=parent)
+    try:
+        _finish(fd, data, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return {"bytes_written": len(data)}
+
+
+def op_file_list(req: Request) -> dict[str, Any]:
+    """List a directory, sorted by name."""
+    path, entries = _path(req), []
+    with os.scandir(path) as it:
+        for d in it:
+            with contextlib.suppress(FileNotFoundError):  # vanished while listing
+                entries.append(_entry(os.path.join(path, d.name), d.name))
+    return {"entries": sorted(entries, key=lambda e: e["name"])}
+
+
+def op_file_stat(req: Request) -> dict[str, Any]:
+    """Stat one path."""
+    return {"entry": _entry(_path(req))}
+
+
+def op_file_mkdir(req: Request) -> dict[str, Any]:
+    """Create a directory."""
+    path = _path(req)
+    parents, exist_ok = _arg(req, "parents", bool, True), _arg(req, "exist_ok", bool, True)
+    try:
+        (os.makedirs if parents else os.mkdir)(path)
+    except FileExistsError:
+        if not (exist_ok and os.path.isdir(path)):
+            raise
+    return {}
+
+
+def op_file_remove(req: Request) -> dict[str, Any]:
+    """Remove a file, a symlink, an empty directory or (recursive) a directory tree."""
+    path, recursive = _path(req), _arg(req, "recursive", bool, False)
+    if not stat.S_ISDIR(os.lstat(path).st_mode):
+        os.unlink(path)
+    elif recursive:
+        shutil.rmtree(path)
+    else:
+        os.rmdir(path)
+    return {}
+
+
+# ---------------------------------------------------------------- fresh
+def _reseed_kernel(entropy: bytes) -> None:
+    """Credit `entropy` to the kernel pool and force a CRNG reseed (needs CAP_SYS_ADMIN)."""
+    try:
+        fd = os.open("/dev/urandom", os.O_WRONLY | os.O_CLOEXEC)
+    except OSError:
+        fd = os.open("/dev/random", os.O_WRONLY | os.O_CLOEXEC)
+    info = struct.pack("ii", len(entropy) * 8, len(entropy)) + entropy
+    steps = (("RNDADDENTROPY", RNDADDENTROPY, info), ("RNDRESEEDCRNG", RNDRESEEDCRNG, 0))
+    try:
+        for name, request, arg in steps:
+            try:
+                fcntl.ioctl(fd, request, arg)
+            except OSError as e:
+                raise OSError(e.errno, f"ioctl {name}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def op_fresh(req: Request) -> dict[str, Any]:
+    """Make a restored clone distinct: set the clock, reseed the kernel CRNG and the Python RNGs."""
+    host_time, entropy = _arg(req, "time", (int, float)), _b64(req, "entropy_b64")
+    if len(entropy) < 32:
+        raise BadRequest("field 'entropy_b64' must hold at least 32 bytes")
+    warnings: list[str] = []
+    clock_set = rng_reseeded = numpy_reseeded = False
+    if os.environ.get("FORKD_AGENT_TEST") != "1":
+        try:
+            time.clock_settime(time.CLOCK_REALTIME, float(host_time))
+            clock_set = True
+        except OSError as e:
+            warnings.append(f"clock_settime failed: {e}")
+        try:
+            _reseed_kernel(entropy)
+            rng_reseeded = True
+        except OSError as e:
+            warnings.append(f"kernel RNG reseed failed: {e}")
+    random.seed(os.urandom(32))
+    np = sys.modules.get("numpy")  # loaded at start, or later by user code
+    if np is not None:
+        try:
+            np.random.seed(int.from_bytes(os.urandom(4), "little"))
+            numpy_reseeded = True
+        except Exception as e:
+            warnings.append(f"numpy reseed failed: {e!r}")
+    return {"time": time.time(), "clock_set": clock_set, "rng_reseeded": rng_reseeded,
+            "numpy_reseeded": numpy_reseeded, "warnings": warnings}
+
+
+OPS: dict[str, Callable[[Request], dict[str, Any]]] = {
+    "ping": op_ping, "eval": op_eval, "run_code": op_run_code, "exec": op_exec,
+    "file_read": op_file_read, "file_write": op_file_write, "file_list": op_file_list,
+    "file_stat": op_file_stat, "file_mkdir": op_file_mkdir, "file_remove": op_file_remove,
+    "fresh": op_fresh,
+}
+
+
+# ---------------------------------------------------------------- transport and serving
+class Transport:
+    """The byte stream to the host: the virtio port (one O_RDWR fd) or a pair of stdio fds."""
+
+    def __init__(self, rfd: int, wfd: int, stdio: bool) -> None:
+        self.rfd, self.wfd, self.stdio = rfd, wfd, stdio
+        self.wlock = threading.Lock()
+
+    def read(self) -> bytes:
+        """Some bytes; b"" means EOF (stdio) or "host not connected" (virtio: back off, retry)."""
+        try:
+            return os.read(self.rfd, 1024 * 1024)
+        except OSError:
+            return b""
+
+    def send(self, obj: dict[str, Any]) -> None:
+        """Write one JSON line, whole; dropped if the host is gone (EPIPE/EIO)."""
+        try:
+            line = json.dumps(obj, separators=(",", ":")) + "\n"
+        except Exception as e:  # a result that cannot be encoded: say so instead
+            line = json.dumps({"id": obj.get("id"), "ok": False, "error": _error(e, None)}) + "\n"
+        with self.wlock, contextlib.suppress(OSError):
+            _write_all(self.wfd, line.encode("ascii"))
+
+
+def handle_line(t: Transport, line: bytes) -> None:
+    """Parse, dispatch and answer one request line. Never raises."""
+    rid: Any = None
+    try:
+        try:
+            req = json.loads(line)
+        except ValueError as e:
+            raise BadRequest(f"invalid JSON: {e}") from None
+        if not isinstance(req, dict):
+            raise BadRequest("request must be a JSON object")
+        if not isinstance(req.get("id"), (str, int)) or isinstance(req.get("id"), bool):
+            raise BadRequest("field 'id' must be a string or integer")
+        rid = req["id"]
+        op = _arg(req, "op", str)
+        if op not in OPS:
+            raise UnknownOp(f"unknown op '{op}'")
+        reply = {"id": rid, "ok": True, "result": OPS[op](req)}
+    except ReplyError as e:
+        reply = {"id": rid, "ok": False, "error": e.error}
+    except (BadRequest, UnknownOp) as e:
+        reply = {"id": rid, "ok": False, "error": _error(e, None)}
+    except BaseException as e:  # a bug or an OS error: report it, keep serving
+        reply = {"id": rid, "ok": False, "error": _error(e, traceback.format_exc())}
+    t.send(reply)
+
+
+def _dispatch(t: Transport, line: bytes | None) -> None:
+    """Answer one line on its own thread; None means "too long". Blank lines are ignored."""
+    if line is None:
+        t.send({"id": None, "ok": False, "error": {
+            "type": "BadRequest", "message": "request line longer than 64 MiB", "traceback": None}})
+    elif line.strip():
+        threading.Thread(target=handle_line, args=(t, line), name="forkd-request", daemon=True).start()
+
+
+def serve(t: Transport) -> None:
+    """Split the stream into lines and serve each one. Returns only on EOF in stdio mode."""
+    buf, scan, skipping, delay = bytearray(), 0, False, 0.01
+    while True:
+        chunk = t.read()
+        if not chunk:
+            if t.stdio:
+                for th in threading.enumerate():  # let requests in flight answer
+                    if th.name == "forkd-request":
+                        th.join()
+                return
+            buf.clear()  # host not connected: drop any partial line, back off
+            scan, skipping = 0, False
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
+            continue
+        delay = 0.01
+        buf += chunk
+        start = 0
+        while (nl := buf.find(b"\n", max(start, scan))) >= 0:
+            if not skipping:
+                _dispatch(t, bytes(buf[start:nl]) if nl - start <= MAX_LINE else None)
+            skipping, start = False, nl + 1
+        del buf[:start]
+        scan = len(buf)
+        if len(buf) > MAX_LINE:  # refuse now, then discard up to the next newline
+            if not skipping:
+                _dispatch(t, None)
+            buf.clear()
+            skipping, scan = True, 0
+
+
+# ---------------------------------------------------------------- PID 1 and startup
+def _zombie_children() -> set[int]:
+    """Pids of our children in state Z, from /proc/*/stat."""
+    me, found = os.getpid(), set()
+    for p in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(p, "rb") as f:
+                fields = f.read().rpartition(b")")[2].split()
+        except OSError:
+            continue
+        if len(fields) > 1 and fields[0] == b"Z" and int(fields[1]) == me:
+            found.add(int(p.split("/")[2]))
+    return found
+
+
+def reaper() -> None:
+    """PID-1 duty: reap orphaned zombies, never a child an `exec` is waiting for.
+
+    A zombie is reaped only once seen in two consecutive scans, so a child that user code (run_code)
+    waits for itself is not stolen in the moment between its exit and that wait.
+    """
+    seen: set[int] = set()
+    while True:
+        time.sleep(1.0)
+        try:
+            zombies = _zombie_children()
+            with MANAGED_LOCK:
+                for pid in (zombies & seen) - MANAGED:
+                    with contextlib.suppress(ChildProcessError):
+                        os.waitpid(pid, os.WNOHANG)
+            seen = zombies
+        except Exception as e:
+            print(f"forkd-agent: reaper: {e!r}", file=sys.stderr)
+
+
+def open_port(name: str = PORT_NAME, wait_s: float = 20.0) -> int:
+    """Find the virtio port called `name` and open it O_RDWR, retrying for up to `wait_s`."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        for p in glob.glob("/sys/class/virtio-ports/*/name"):
+            try:
+                with open(p) as f:
+                    if f.read().strip() == name:
+                        return os.open("/dev/" + p.split("/")[-2], os.O_RDWR | os.O_CLOEXEC)
+            except OSError:
+                continue
+        if time.monotonic() > deadline:
+            raise SystemExit(f"forkd-agent: virtio port {name!r} not found")
+        time.sleep(0.1)
+
+
+def main(argv: list[str]) -> None:
+    """Entry point: pick the transport, announce readiness, serve."""
+    if argv not in ([], ["--stdio"]):
+        raise SystemExit("usage: agent.py [--stdio]")
+    if argv:
+        t = Transport(os.dup(0), os.dup(1), stdio=True)
+        null = os.open(os.devnull, os.O_RDWR)  # keep stray prints and children off the protocol stream
+        os.dup2(null, 0)
+        os.dup2(2, 1)
+        os.close(null)
+    else:
+        fd = open_port()
+        t = Transport(fd, fd, stdio=False)
+    if os.getpid() == 1:
+        threading.Thread(target=reaper, name="forkd-reaper", daemon=True).start()
+    t.send({"event": "ready", "agent_version": AGENT_VERSION, "python": PYTHON,
+            "numpy": getattr(numpy, "__version__", None), "pid": os.getpid()})
+    serve(t)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,427 @@
+"""The guest agent, driven over pipes (``agent.py --stdio``) exactly as the host drives it over virtio."""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+AGENT = Path(__file__).resolve().parents[2] / "src" / "forkd" / "guest" / "agent.py"
+TIMEOUT = 60.0  # per reply: the test machine is slow and shared
+ALL_BYTES = bytes(range(256))
+
+
+class AgentClient:
+    """A pipe client for one agent process: send requests, receive reply lines."""
+
+    def __init__(self) -> None:
+        env = {**os.environ, "FORKD_AGENT_TEST": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, str(AGENT), "--stdio"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+        )
+        self._ids = itertools.count(1)
+        self._inbox: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        self.ready = self.recv()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._inbox.put(json.loads(line))
+        self._inbox.put(None)
+
+    def send_raw(self, data: bytes) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
+
+    def send(self, op: str, **args: Any) -> int:
+        rid = next(self._ids)
+        self.send_raw(json.dumps({"id": rid, "op": op, **args}).encode() + b"\n")
+        return rid
+
+    def recv(self, timeout: float = TIMEOUT) -> dict[str, Any]:
+        msg = self._inbox.get(timeout=timeout)
+        assert msg is not None, "agent closed its stdout"
+        return msg
+
+    def call(self, op: str, **args: Any) -> dict[str, Any]:
+        """Send one request and return its reply (requests are not overlapped here)."""
+        rid = self.send(op, **args)
+        reply = self.recv()
+        assert reply["id"] == rid
+        return reply
+
+    def ok(self, op: str, **args: Any) -> dict[str, Any]:
+        reply = self.call(op, **args)
+        assert reply["ok"], reply
+        return reply["result"]
+
+    def err(self, op: str, **args: Any) -> dict[str, Any]:
+        reply = self.call(op, **args)
+        assert not reply["ok"], reply
+        return reply["error"]
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stdout:
+            self.proc.stdout.close()
+
+
+@pytest.fixture
+def agent() -> Iterator[AgentClient]:
+    client = AgentClient()
+    yield client
+    client.close()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+# ---------------------------------------------------------------- basics
+
+def test_ready_line(agent: AgentClient) -> None:
+    ready = agent.ready
+    assert ready["event"] == "ready"
+    assert ready["agent_version"] == "1"
+    assert ready["pid"] == agent.proc.pid
+    assert ready["python"] == "{}.{}.{}".format(*sys.version_info[:3])
+    assert ready["numpy"] is None or isinstance(ready["numpy"], str)
+
+
+def test_ping(agent: AgentClient) -> None:
+    r = agent.ok("ping")
+    assert r["agent_version"] == "1"
+    assert r["pid"] == agent.proc.pid
+    assert isinstance(r["uptime_s"], float) and r["uptime_s"] >= 0
+    assert abs(r["time"] - time.time()) < 600
+    assert r["numpy"] == agent.ready["numpy"]
+
+
+def test_string_ids_are_echoed(agent: AgentClient) -> None:
+    agent.send_raw(b'{"id": "abc", "op": "ping"}\n')
+    reply = agent.recv()
+    assert reply["id"] == "abc" and reply["ok"]
+
+
+# ---------------------------------------------------------------- eval / run_code
+
+def test_eval_values(agent: AgentClient) -> None:
+    assert agent.ok("eval", expr="1 + 2") == {"repr": "3", "value": 3, "type": "int"}
+    assert agent.ok("eval", expr="'ab' * 2") == {"repr": "'abab'", "value": "abab", "type": "str"}
+    assert agent.ok("eval", expr="{'a': [1, None]}")["value"] == {"a": [1, None]}
+    r = agent.ok("eval", expr="object()")
+    assert r["value"] is None and r["repr"].startswith("<object object") and r["type"] == "object"
+    r = agent.ok("eval", expr="float('nan')")
+    assert r["value"] is None and r["repr"] == "nan"
+
+
+def test_eval_warm_modules(agent: AgentClient) -> None:
+    assert agent.ok("eval", expr="json.dumps([math.floor(2.5)])")["value"] == "[2]"
+    assert agent.ok("eval", expr="hashlib.sha256(b'').hexdigest()[:8]")["value"] == "e3b0c442"
+    if agent.ready["numpy"] is not None:
+        assert agent.ok("eval", expr="np.arange(3).tolist()")["value"] == [0, 1, 2]
+        assert agent.ok("eval", expr="numpy is np")["value"] is True
+
+
+def test_eval_error(agent: AgentClient) -> None:
+    e = agent.err("eval", expr="1 / 0")
+    assert e["type"] == "ZeroDivisionError"
+    assert e["message"] == "division by zero"
+    assert "ZeroDivisionError" in e["traceback"]
+    assert agent.err("eval", expr="x = 1")["type"] == "SyntaxError"
+
+
+def test_run_code_state_persists(agent: AgentClient) -> None:
+    r = agent.ok("run_code", code="x = 41\ndef inc(v):\n    return v + 1\n")
+    assert r == {"stdout": "", "stderr": "", "repr": None, "value": None}
+    assert agent.ok("eval", expr="inc(x)")["value"] == 42
+    r = agent.ok("run_code", code="x = inc(x)\nx")
+    assert r["repr"] == "42" and r["value"] == 42
+    assert agent.ok("eval", expr="x")["value"] == 42
+
+
+def test_run_code_captures_output(agent: AgentClient) -> None:
+    r = agent.ok("run_code", code="import sys\nprint('out')\nprint('err', file=sys.stderr)\n[1, 'a']")
+    assert r["stdout"] == "out\n"
+    assert r["stderr"] == "err\n"
+    assert r["repr"] == "[1, 'a']" and r["value"] == [1, "a"]
+
+
+def test_run_code_last_expression(agent: AgentClient) -> None:
+    assert agent.ok("run_code", code="y = 3")["repr"] is None
+    assert agent.ok("run_code", code="y = 3\ny * 2")["value"] == 6
+    assert agent.ok("run_code", code="if True:\n    y = 5\n")["repr"] is None
+    r = agent.ok("run_code", code="{1, 2}")
+    assert r["repr"] == "{1, 2}" and r["value"] is None
+
+
+def test_run_code_exception(agent: AgentClient) -> None:
+    e = agent.err("run_code", code="print('before')\ndef f():\n    return 1 / 0\nf()\nprint('after')")
+    assert e["type"] == "ZeroDivisionError"
+    assert e["stdout"] == "before\n"
+    assert e["stderr"] == ""
+    assert "line 3, in f" in e["traceback"] and "return 1 / 0" in e["traceback"]
+    assert "agent.py" not in e["traceback"]
+    assert agent.ok("eval", expr="callable(f)")["value"] is True  # statements before the error ran
+    e = agent.err("run_code", code="def (")
+    assert e["type"] == "SyntaxError"
+    e = agent.err("run_code", code="raise SystemExit(3)")
+    assert e["type"] == "SystemExit"
+    assert agent.ok("ping")["pid"] == agent.proc.pid  # still alive
+
+
+# ---------------------------------------------------------------- exec
+
+def test_exec_basics(agent: AgentClient, tmp_path: Path) -> None:
+    r = agent.ok("exec", argv=["sh", "-c", "echo out; echo err >&2; exit 7"])
+    assert r["exit_code"] == 7
+    assert r["stdout"] == "out\n" and r["stderr"] == "err\n"
+    assert r["timed_out"] is False
+    assert r["stdout_truncated"] is False and r["stderr_truncated"] is False
+    assert isinstance(r["duration_s"], float)
+    r = agent.ok("exec", argv=["sh", "-c", "echo $FORKD_T1-$FORKD_AGENT_TEST"], env={"FORKD_T1": "v1"})
+    assert r["stdout"] == "v1-1\n"  # merged over the agent's environment
+    r = agent.ok("exec", argv=["pwd"], cwd=str(tmp_path))
+    assert r["stdout"].strip() == os.path.realpath(tmp_path)
+    r = agent.ok("exec", argv=["sh", "-c", "kill -TERM $$"])
+    assert r["exit_code"] == -15
+
+
+def test_exec_stdin(agent: AgentClient) -> None:
+    assert agent.ok("exec", argv=["cat"], stdin="héllo\n")["stdout"] == "héllo\n"
+    code = "import sys; d = sys.stdin.buffer.read(); print(len(d), d == bytes(range(256)))"
+    r = agent.ok("exec", argv=[sys.executable, "-c", code], stdin_b64=b64(ALL_BYTES))
+    assert r["stdout"] == "256 True\n"
+    big = "0123456789abcdef" * 65536  # 1 MiB both ways: stdin is fed while stdout is drained
+    r = agent.ok("exec", argv=["cat"], stdin=big, max_output=2 * len(big))
+    assert r["stdout"] == big
+    assert agent.ok("exec", argv=["cat"])["stdout"] == ""  # no stdin: /dev/null, not the protocol pipe
+
+
+def test_exec_timeout_kills_process_group(agent: AgentClient) -> None:
+    r = agent.ok("exec", argv=["sh", "-c", "sleep 60 & echo $!; wait"], timeout=1)
+    assert r["timed_out"] is True
+    assert r["exit_code"] == -9
+    child = int(r["stdout"].split()[0])
+    for _ in range(100):  # the background sleep shares the group and must be gone (or a zombie)
+        try:
+            state = Path(f"/proc/{child}/stat").read_text().rpartition(")")[2].split()[0]
+        except FileNotFoundError:
+            break
+        if state == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("background process survived the timeout")
+
+
+def test_exec_output_truncation(agent: AgentClient) -> None:
+    code = "import sys; sys.stdout.write('x' * 200000); sys.stderr.write('e' * 10)"
+    r = agent.ok("exec", argv=[sys.executable, "-c", code], max_output=1000)
+    marker = "\n[forkd: output truncated at 1000 bytes]"
+    assert r["stdout_truncated"] is True and r["stderr_truncated"] is False
+    assert r["stdout"] == "x" * 1000 + marker
+    assert r["stderr"] == "e" * 10
+    assert r["exit_code"] == 0  # the pipe was drained, the writer was not blocked
+
+
+def test_exec_invalid_utf8_is_replaced(agent: AgentClient) -> None:
+    r = agent.ok("exec", argv=["printf", "a\\377b"])
+    assert r["stdout"] == "a\ufffdb"
+
+
+def test_exec_missing_program(agent: AgentClient, tmp_path: Path) -> None:
+    e = agent.err("exec", argv=["/nonexistent/forkd-program"])
+    assert e["type"] == "FileNotFoundError"
+    assert agent.err("exec", argv=["true"], cwd=str(tmp_path / "missing"))["type"] == "FileNotFoundError"
+
+
+# ---------------------------------------------------------------- files
+
+def test_file_round_trip_binary(agent: AgentClient, tmp_path: Path) -> None:
+    path = str(tmp_path / "sub" / "dir" / "data.bin")
+    data = ALL_BYTES * 4
+    assert agent.ok("file_write", path=path, data_b64=b64(data))["bytes_written"] == len(data)
+    assert Path(path).read_bytes() == data
+    r = agent.ok("file_read", path=path)
+    assert base64.b64decode(r["data_b64"]) == data and r["size"] == len(data) and r["eof"] is True
+    r = agent.ok("file_read", path=path, offset=250, length=10)
+    assert base64.b64decode(r["data_b64"]) == bytes([250, 251, 252, 253, 254, 255, 0, 1, 2, 3])
+    assert r["eof"] is False
+    r = agent.ok("file_read", path=path, offset=len(data) - 2, length=10)
+    assert base64.b64decode(r["data_b64"]) == b"\xfe\xff" and r["eof"] is True
+    agent.ok("file_write", path=path, data_b64=b64(b"tail"), append=True)
+    assert Path(path).read_bytes() == data + b"tail"
+    agent.ok("file_write", path=path, data_b64=b64(b"new"), mode=0o600)
+    assert Path(path).read_bytes() == b"new"
+    assert agent.ok("file_stat", path=path)["entry"]["mode"] == 0o600
+    assert [p.name for p in Path(path).parent.iterdir()] == ["data.bin"]  # no temp files left behind
+
+
+def test_file_list_and_stat(agent: AgentClient, tmp_path: Path) -> None:
+    (tmp_path / "b.txt").write_bytes(b"hello")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "c").symlink_to("b.txt")
+    entries = agent.ok("file_list", path=str(tmp_path))["entries"]
+    assert [(e["name"], e["type"]) for e in entries] == [("a", "dir"), ("b.txt", "file"), ("c", "symlink")]
+    b = entries[1]
+    assert b["path"] == str(tmp_path / "b.txt") and b["size"] == 5
+    assert abs(b["mtime"] - (tmp_path / "b.txt").stat().st_mtime) < 1e-3
+    assert b["mode"] == (tmp_path / "b.txt").stat().st_mode & 0o7777
+    entry = agent.ok("file_stat", path=str(tmp_path / "a"))["entry"]
+    assert entry["name"] == "a" and entry["type"] == "dir"
+
+
+def test_file_mkdir_and_remove(agent: AgentClient, tmp_path: Path) -> None:
+    deep = tmp_path / "x" / "y" / "z"
+    assert agent.ok("file_mkdir", path=str(deep)) == {}
+    assert deep.is_dir()
+    agent.ok("file_mkdir", path=str(deep))  # exist_ok by default
+    assert agent.err("file_mkdir", path=str(deep), exist_ok=False)["type"] == "FileExistsError"
+    e = agent.err("file_mkdir", path=str(tmp_path / "p" / "q"), parents=False)
+    assert e["type"] == "FileNotFoundError"
+    (deep / "f").write_bytes(b"1")
+    assert agent.err("file_remove", path=str(tmp_path / "x"))["type"] == "OSError"  # not empty
+    agent.ok("file_remove", path=str(deep / "f"))
+    assert not (deep / "f").exists()
+    agent.ok("file_remove", path=str(deep))  # empty directory
+    assert not deep.exists()
+    (tmp_path / "x" / "y" / "g").write_bytes(b"2")
+    agent.ok("file_remove", path=str(tmp_path / "x"), recursive=True)
+    assert not (tmp_path / "x").exists()
+
+
+def test_file_errors(agent: AgentClient, tmp_path: Path) -> None:
+    missing = str(tmp_path / "missing")
+    for op in ("file_read", "file_stat", "file_list", "file_remove"):
+        e = agent.err(op, path=missing)
+        assert e["type"] == "FileNotFoundError", (op, e)
+        assert "missing" in e["message"]
+    assert agent.err("file_read", path=str(tmp_path))["type"] == "IsADirectoryError"
+    assert agent.err("file_list", path=str(tmp_path / "f")) is not None
+    e = agent.err("file_write", path=str(tmp_path / "no" / "f"), data_b64="", make_parents=False)
+    assert e["type"] == "FileNotFoundError"
+    assert agent.err("file_write", path=missing, data_b64="!!")["type"] == "BadRequest"
+
+
+# ---------------------------------------------------------------- fresh
+
+def test_fresh_reseeds_python_random() -> None:
+    a, b = AgentClient(), AgentClient()
+    try:
+        for c in (a, b):
+            c.ok("run_code", code="random.seed(1)")
+        same = [c.ok("eval", expr="random.random()")["value"] for c in (a, b)]
+        assert same[0] == same[1]  # control: identical state gives identical streams
+        results = []
+        for c in (a, b):
+            c.ok("run_code", code="random.seed(1)")
+            results.append(c.ok("fresh", time=time.time(), entropy_b64=b64(os.urandom(32))))
+        after = [c.ok("eval", expr="random.random()")["value"] for c in (a, b)]
+        assert after[0] != after[1]
+        for r in results:
+            assert r["clock_set"] is False and r["rng_reseeded"] is False  # FORKD_AGENT_TEST=1
+            assert r["numpy_reseeded"] is (a.ready["numpy"] is not None)
+            assert isinstance(r["time"], float) and r["warnings"] == []
+    finally:
+        a.close()
+        b.close()
+
+
+def test_fresh_bad_arguments(agent: AgentClient) -> None:
+    e = agent.err("fresh", time=1.0, entropy_b64=b64(b"short"))
+    assert e["type"] == "BadRequest" and "entropy_b64" in e["message"]
+    e = agent.err("fresh", entropy_b64=b64(os.urandom(32)))
+    assert e["type"] == "BadRequest" and "time" in e["message"]
+
+
+# ---------------------------------------------------------------- malformed requests
+
+@pytest.mark.parametrize(
+    ("line", "rid", "etype", "words"),
+    [
+        (b"this is not json", None, "BadRequest", "JSON"),
+        (b"[1, 2, 3]", None, "BadRequest", "object"),
+        (b'{"op": "ping"}', None, "BadRequest", "id"),
+        (b'{"id": [1], "op": "ping"}', None, "BadRequest", "id"),
+        (b'{"id": 5}', 5, "BadRequest", "op"),
+        (b'{"id": 6, "op": 7}', 6, "BadRequest", "op"),
+        (b'{"id": 7, "op": "reboot"}', 7, "UnknownOp", "reboot"),
+        (b'{"id": 8, "op": "eval", "expr": 5}', 8, "BadRequest", "expr"),
+        (b'{"id": 9, "op": "eval"}', 9, "BadRequest", "expr"),
+        (b'{"id": 10, "op": "exec", "argv": "ls"}', 10, "BadRequest", "argv"),
+        (b'{"id": 11, "op": "exec", "argv": []}', 11, "BadRequest", "argv"),
+        (b'{"id": 12, "op": "exec", "argv": ["true"], "timeout": "5"}', 12, "BadRequest", "timeout"),
+        (b'{"id": 13, "op": "exec", "argv": ["true"], "env": {"A": 1}}', 13, "BadRequest", "env"),
+        (b'{"id": 14, "op": "file_read", "path": "/", "offset": "x"}', 14, "BadRequest", "offset"),
+        (b'{"id": 15, "op": "file_read", "path": "/", "offset": -1}', 15, "BadRequest", "offset"),
+        (b'{"id": 16, "op": "file_write", "path": 3, "data_b64": ""}', 16, "BadRequest", "path"),
+        (b'{"id": 17, "op": "file_remove", "path": "/x", "recursive": 1}', 17, "BadRequest", "recursive"),
+        (b'{"id": 18, "op": "run_code", "code": null}', 18, "BadRequest", "code"),
+        (b"\xff\xfe{}", None, "BadRequest", "JSON"),
+    ],
+)
+def test_malformed_requests(agent: AgentClient, line: bytes, rid: Any, etype: str, words: str) -> None:
+    agent.send_raw(line + b"\n")
+    reply = agent.recv()
+    assert reply["id"] == rid
+    assert reply["ok"] is False
+    assert reply["error"]["type"] == etype
+    assert words in reply["error"]["message"]
+    assert agent.ok("ping")["pid"] == agent.proc.pid  # keeps serving
+
+
+def test_blank_lines_are_ignored(agent: AgentClient) -> None:
+    agent.send_raw(b"\n  \n")
+    assert agent.ok("ping")["agent_version"] == "1"
+
+
+# ---------------------------------------------------------------- concurrency
+
+def test_pipelined_requests(agent: AgentClient, tmp_path: Path) -> None:
+    requests = [
+        {"id": "slow", "op": "exec", "argv": ["sleep", "1"]},
+        {"id": 1, "op": "ping"},
+        {"id": 2, "op": "eval", "expr": "6 * 7"},
+        {"id": 3, "op": "file_stat", "path": str(tmp_path)},
+        {"id": 4, "op": "run_code", "code": "print('hi')"},
+    ]
+    agent.send_raw(b"".join(json.dumps(r).encode() + b"\n" for r in requests))
+    replies = [agent.recv() for _ in requests]
+    assert all(r["ok"] for r in replies), replies
+    assert sorted(map(str, (r["id"] for r in replies))) == ["1", "2", "3", "4", "slow"]
+    assert replies[-1]["id"] == "slow"
+    by_id = {r["id"]: r["result"] for r in replies}
+    assert by_id[2]["value"] == 42
+    assert by_id[4]["stdout"] == "hi\n"
+    assert by_id["slow"]["exit_code"] == 0
+
+
+def test_replies_in_flight_are_sent_before_exit_on_eof() -> None:
+    client = AgentClient()
+    client.send("exec", argv=["sleep", "0.5"])
+    assert client.proc.stdin is not None
+    client.proc.stdin.close()
+    reply = client.recv()
+    assert reply["ok"] and reply["result"]["exit_code"] == 0
+    assert client.proc.wait(timeout=TIMEOUT) == 0
