@@ -36,8 +36,17 @@ def run_dir() -> Path:
 
 
 def image_root() -> Path:
-    """Directory holding built guest images, one sub-directory per image id."""
+    """Directory holding built guest images, one per image id (``$FORKD_IMAGE_ROOT`` overrides)."""
+    if env := os.environ.get("FORKD_IMAGE_ROOT"):
+        return Path(env)
     return data_dir() / "images"
+
+
+def cache_dir() -> Path:
+    """Download cache (guest kernel packages); ``$FORKD_CACHE_DIR`` overrides."""
+    if env := os.environ.get("FORKD_CACHE_DIR"):
+        return Path(env)
+    return data_dir() / "cache"
 
 
 def validate_tag(tag: object, field: str = "tag") -> str:

@@ -7,6 +7,8 @@ import itertools
 import json
 import os
 import queue
+import re
+import shlex
 import subprocess
 import sys
 import threading
@@ -18,6 +20,8 @@ from typing import Any
 import pytest
 
 AGENT = Path(__file__).resolve().parents[2] / "src" / "forkd" / "guest" / "agent.py"
+# The interpreter that runs the agent; e.g. FORKD_AGENT_PYTHON="/usr/bin/python3.11 -S -E" (the guest's way).
+AGENT_PYTHON = shlex.split(os.environ.get("FORKD_AGENT_PYTHON", "")) or [sys.executable]
 TIMEOUT = 60.0  # per reply: the test machine is slow and shared
 ALL_BYTES = bytes(range(256))
 
@@ -28,7 +32,7 @@ class AgentClient:
     def __init__(self) -> None:
         env = {**os.environ, "FORKD_AGENT_TEST": "1"}
         self.proc = subprocess.Popen(
-            [sys.executable, str(AGENT), "--stdio"],
+            [*AGENT_PYTHON, str(AGENT), "--stdio"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
         )
         self._ids = itertools.count(1)
@@ -104,7 +108,7 @@ def test_ready_line(agent: AgentClient) -> None:
     assert ready["event"] == "ready"
     assert ready["agent_version"] == "1"
     assert ready["pid"] == agent.proc.pid
-    assert ready["python"] == "{}.{}.{}".format(*sys.version_info[:3])
+    assert re.fullmatch(r"3\.\d+\.\d+", ready["python"])
     assert ready["numpy"] is None or isinstance(ready["numpy"], str)
 
 
@@ -318,7 +322,8 @@ def test_file_errors(agent: AgentClient, tmp_path: Path) -> None:
         assert e["type"] == "FileNotFoundError", (op, e)
         assert "missing" in e["message"]
     assert agent.err("file_read", path=str(tmp_path))["type"] == "IsADirectoryError"
-    assert agent.err("file_list", path=str(tmp_path / "f")) is not None
+    (tmp_path / "f").write_bytes(b"")
+    assert agent.err("file_list", path=str(tmp_path / "f"))["type"] == "NotADirectoryError"
     e = agent.err("file_write", path=str(tmp_path / "no" / "f"), data_b64="", make_parents=False)
     assert e["type"] == "FileNotFoundError"
     assert agent.err("file_write", path=missing, data_b64="!!")["type"] == "BadRequest"
@@ -425,3 +430,4 @@ def test_replies_in_flight_are_sent_before_exit_on_eof() -> None:
     reply = client.recv()
     assert reply["ok"] and reply["result"]["exit_code"] == 0
     assert client.proc.wait(timeout=TIMEOUT) == 0
+    client.close()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import statistics
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import click
@@ -74,15 +73,13 @@ def fork(tag: str, n: int, expr: str | None, do_exec: bool, timeout: float, conc
         raise click.UsageError(f"unexpected arguments {' '.join(argv)!r} (did you mean --exec?)")
     eng = make_engine(accel)
     t0 = time.monotonic()
-    results = eng.spawn(tag, n, concurrency=concurrency, timeout=timeout, network=network)
-    spawn_s = time.monotonic() - t0
+    cmd = list(argv) if do_exec else None
+    results = eng.spawn(tag, n, concurrency=concurrency, timeout=timeout, network=network,
+                        then=lambda c: run_in_child(c, expr, cmd, timeout))
+    wall_s = time.monotonic() - t0
     try:
-        with ThreadPoolExecutor(max_workers=max(1, min(n, concurrency or 4))) as ex:
-            ran = list(ex.map(lambda r: run_in_child(r.child, expr, list(argv) if do_exec else None, timeout)
-                              if r.child else {}, results))
-        wall_s = time.monotonic() - t0
-        rows = [row_json(r, x) for r, x in zip(results, ran, strict=True)]
-        summary = summarize(rows, n, spawn_s, wall_s)
+        rows = [row_json(r, r.then or {}) for r in results]
+        summary = summarize(rows, n, wall_s)
         if settle_secs > 0:
             time.sleep(settle_secs)
     finally:
@@ -97,11 +94,11 @@ def fork(tag: str, n: int, expr: str | None, do_exec: bool, timeout: float, conc
         raise SystemExit(1)
 
 
-def summarize(rows: list[dict[str, Any]], n: int, spawn_s: float, wall_s: float) -> dict[str, Any]:
+def summarize(rows: list[dict[str, Any]], n: int, wall_s: float) -> dict[str, Any]:
     ready = [r["ready_ms"] for r in rows if r.get("ready_ms") is not None]
     pss = [r["pss_kib"] for r in rows if r.get("pss_kib")]
     ok = sum(1 for r in rows if r.get("ok"))
-    return {"n": n, "ok": ok, "failed": n - ok, "spawn_s": round(spawn_s, 3), "wall_s": round(wall_s, 3),
+    return {"n": n, "ok": ok, "failed": n - ok, "wall_s": round(wall_s, 3),
             "ready_ms_median": round(statistics.median(ready), 2) if ready else None,
             "ready_ms_max": round(max(ready), 2) if ready else None,
             "pss_mib_median": round(statistics.median(pss) / 1024, 1) if pss else None}
@@ -117,6 +114,6 @@ def print_table(tag: str, rows: list[dict[str, Any]], s: dict[str, Any]) -> None
         out.append((r["index"], r["id"], r["pid"], r["ready_ms"], r.get("run_ms", ""), mib(r.get("pss_kib")),
                     res))
     table(f"fork of {tag}", ["#", "ID", "PID", "READY MS", "RUN MS", "PSS MIB", "RESULT"], out)
-    console.print(f"{s['ok']}/{s['n']} ok; spawn {s['spawn_s']:.2f} s, wall {s['wall_s']:.2f} s; ready median "
+    console.print(f"{s['ok']}/{s['n']} ok; wall {s['wall_s']:.2f} s; ready median "
                   f"{s['ready_ms_median']} ms, max {s['ready_ms_max']} ms; PSS median {s['pss_mib_median']} MiB",
                   highlight=False)

@@ -36,6 +36,8 @@ class SpawnResult:
     index: int
     child: Child | None = None
     error: str | None = None
+    then: Any = None  # what the ``then`` callback returned (or the ForkdError it raised)
+    then_s: float | None = None  # seconds from the start of this child's restore until ``then`` returned
 
 
 class Engine:
@@ -118,11 +120,13 @@ class Engine:
 
     # -- children
     def spawn(self, tag: str, n: int = 1, *, concurrency: int | None = None, timeout: float = 120.0,
-              network: str = "user", use_pool: bool = True) -> list[SpawnResult]:
+              network: str = "user", use_pool: bool = True,
+              then: Callable[[Child], Any] | None = None) -> list[SpawnResult]:
         """Start ``n`` children of snapshot ``tag``; each succeeds or fails on its own.
 
         ``timeout`` (seconds) bounds each child's restore; ``concurrency`` is how many restore at once
-        (default: the number of CPUs).
+        (default: the number of CPUs); ``then(child)`` runs in the same worker as soon as that child
+        is up (e.g. its first command), and its result lands in ``SpawnResult.then``.
         """
         if not isinstance(n, int) or not 1 <= n <= MAX_CHILDREN:
             raise ValidationError(f"n must be an integer in 1..{MAX_CHILDREN}; got {n!r}")
@@ -134,12 +138,20 @@ class Engine:
         workers = max(1, min(n, concurrency or os.cpu_count() or 2))
 
         def one(i: int) -> SpawnResult:
+            t0 = time.monotonic()
             try:
-                return SpawnResult(i, child=self._restore_one(snap, pool, timeout, network))
+                res = SpawnResult(i, child=self._restore_one(snap, pool, timeout, network))
             except ForkdError as e:
                 return SpawnResult(i, error=str(e))
             except OSError as e:
                 return SpawnResult(i, error=f"{type(e).__name__}: {e}")
+            if then is not None and res.child is not None:
+                try:
+                    res.then = then(res.child)
+                except ForkdError as e:
+                    res.then = e
+                res.then_s = time.monotonic() - t0
+            return res
 
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="spawn") as ex:
             return list(ex.map(one, range(n)))
