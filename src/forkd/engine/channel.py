@@ -6,6 +6,7 @@ or was killed) every pending request fails at once with ChannelClosedError inste
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import socket
@@ -70,7 +71,8 @@ class AgentChannel:
         if reply.get("ok"):
             res = reply.get("result")
             return res if isinstance(res, dict) else {"value": res}
-        err = reply.get("error") if isinstance(reply.get("error"), dict) else {}
+        raw = reply.get("error")
+        err: dict[str, Any] = raw if isinstance(raw, dict) else {}
         details = {k: v for k, v in err.items() if k not in ("type", "message", "traceback")}
         raise AgentError(op, str(err.get("type", "Error")), str(err.get("message", "")),
                          err.get("traceback"), details)
@@ -142,13 +144,9 @@ class AgentChannel:
 
     def close(self) -> None:
         """Close our end; pending requests fail with ChannelClosedError."""
-        try:
+        with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
         self._close("the host closed the channel")
         self._thread.join(timeout=5)
-        try:
+        with contextlib.suppress(OSError):
             self.sock.close()
-        except OSError:
-            pass

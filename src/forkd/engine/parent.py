@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import time
@@ -10,7 +11,14 @@ from pathlib import Path
 
 from forkd.engine.qemu import MachineSpec, QemuBinary
 from forkd.engine.restore import CAPS
-from forkd.engine.snapshot import MEMORY_NAME, VMSTATE_NAME, Snapshot, SnapshotMeta, SnapshotStore, host_cpu_model
+from forkd.engine.snapshot import (
+    MEMORY_NAME,
+    VMSTATE_NAME,
+    Snapshot,
+    SnapshotMeta,
+    SnapshotStore,
+    host_cpu_model,
+)
 from forkd.engine.vm import VMProcess
 from forkd.errors import AgentError, BootTimeoutError, ForkdError, SnapshotError, VMError
 from forkd.fsutil import tail
@@ -121,9 +129,7 @@ def create_snapshot(store: SnapshotStore, tag: str, spec: MachineSpec, accel_rea
         raise SnapshotError(f"creating snapshot {tag} failed: {e}") from e
     finally:
         if vm is not None and vm.alive():
-            try:
+            with contextlib.suppress(VMError):
                 vm.kill(remove_workdir=not keep_workdir)
-            except VMError:
-                pass
         if not ok:
             store.discard(staging)

@@ -6,6 +6,7 @@ connected to a listening socket QEMU inherits) and their replies collected later
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import socket
@@ -99,10 +100,8 @@ class QMPClient:
         except OSError as e:
             raise VMError(f"{self.name}: QMP connection failed: {e}") from e
         finally:
-            try:
+            with contextlib.suppress(OSError):
                 self.sock.settimeout(None)
-            except OSError:
-                pass
         if not line:
             raise VMError(f"{self.name}: QEMU closed its QMP connection (the process exited)")
         try:
@@ -118,7 +117,5 @@ class QMPClient:
             self.replies[msg["id"]] = msg
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.sock.close()
-        except OSError:
-            pass

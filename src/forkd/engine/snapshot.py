@@ -6,6 +6,7 @@ complete and fsynced, so a crash never leaves a directory that looks like a vali
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import secrets
@@ -17,7 +18,7 @@ from typing import Any
 
 from forkd import __version__
 from forkd.engine.accel import choose_accel
-from forkd.engine.qemu import MachineSpec, QemuBinary, default_accel_opts, default_devices, qemu_binary
+from forkd.engine.qemu import MachineSpec, QemuBinary, default_accel_opts, default_devices
 from forkd.engine.verify import remember_verified, verify_sha256
 from forkd.errors import (
     SnapshotExistsError,
@@ -155,7 +156,8 @@ def host_cpu_model() -> str:
 
 def validate_machine(memory_mib: int, vcpus: int) -> None:
     if not isinstance(memory_mib, int) or not MIN_MEMORY_MIB <= memory_mib <= MAX_MEMORY_MIB:
-        raise ValidationError(f"memory_mib must be an integer in {MIN_MEMORY_MIB}..{MAX_MEMORY_MIB}; got {memory_mib!r}")
+        raise ValidationError(
+            f"memory_mib must be an integer in {MIN_MEMORY_MIB}..{MAX_MEMORY_MIB}; got {memory_mib!r}")
     if not isinstance(vcpus, int) or not 1 <= vcpus <= MAX_VCPUS:
         raise ValidationError(f"vcpus must be an integer in 1..{MAX_VCPUS}; got {vcpus!r}")
 
@@ -253,9 +255,9 @@ class SnapshotStore:
         fsync_dir(self.root)
         shutil.rmtree(trash, ignore_errors=True)
 
-    def sweep_staging(self) -> list[Path]:
+    def sweep_staging(self) -> builtins.list[Path]:
         """Remove staging/deleting leftovers of crashed operations (never those of a live process)."""
-        removed: list[Path] = []
+        removed: builtins.list[Path] = []
         if not self.root.is_dir():
             return removed
         for d in self.root.iterdir():

@@ -3,6 +3,7 @@ that has not changed since it was last verified."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -56,10 +57,9 @@ def verify_sha256(path: Path, expected: str, what: str) -> None:
         _memo[key] = (ident, expected)
         data = _load_cache(cache)
         data[path.name] = {"identity": ident, "sha256": expected}
-        try:
+        # a read-only snapshot root still works; it just re-hashes in the next process
+        with contextlib.suppress(OSError):
             atomic_write_json(cache, data)
-        except OSError:
-            pass  # a read-only snapshot root still works; it just re-hashes in the next process
 
 
 def remember_verified(path: Path, digest: str) -> None:

@@ -15,12 +15,15 @@ atomically) is there; a directory without ``image.json`` is never reported as an
 
 from __future__ import annotations
 
+import ctypes
 import fnmatch
 import gzip
 import hashlib
 import json
 import lzma
+import mmap
 import os
+import platform
 import re
 import shutil
 import struct
@@ -42,8 +45,8 @@ KERNEL_PACKAGE_ENV = "FORKD_GUEST_KERNEL_PACKAGE"
 DEFAULT_KERNEL_META = "linux-image-cloud-amd64"
 FALLBACK_KERNEL_META = "linux-image-amd64"
 
-#: Kernel command line for ``-append``. ``8250.nr_uarts=1``: microvm has one UART, do not probe
-#: three more. ``pci=off``: microvm has no PCI bus (saves the probe under emulation).
+#: Base kernel command line for ``-append`` (it keys the image id). The image's ``cmdline`` adds
+#: ``tsc_early_khz=<host TSC kHz>`` on x86-64 hosts, see :func:`kernel_cmdline`.
 KERNEL_CMDLINE = "console=ttyS0 panic=-1 quiet loglevel=3 random.trust_cpu=off"
 
 #: Host packages whose files go into the guest (their versions key the image id).
@@ -198,6 +201,61 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 def _copy_durable(src: Path, dst: Path) -> None:
     shutil.copyfile(src, dst)
     _fsync_path(dst)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel command line
+# ---------------------------------------------------------------------------------------------
+
+# rdtsc; shl rdx, 32; or rax, rdx; ret
+_RDTSC_CODE = bytes.fromhex("0f31" "48c1e220" "4809d0" "c3")
+
+
+def _rdtsc_function() -> tuple[Callable[[], int], mmap.mmap]:
+    """A callable running ``rdtsc`` (from an executable anonymous page), and the page to keep alive."""
+    page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    page.write(_RDTSC_CODE)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(page))
+    return ctypes.CFUNCTYPE(ctypes.c_uint64)(address), page
+
+
+def host_tsc_khz(samples: int = 3, interval_s: float = 0.05) -> int | None:
+    """The host's TSC frequency in kHz, measured against CLOCK_MONOTONIC; None if unknown.
+
+    CLOCK_MONOTONIC is what QEMU's virtual clock (and so the guest's PIT) follows; under TCG the
+    guest's TSC is the host's ``rdtsc``. Only on x86-64 Linux; the samples must agree within
+    0.1 %, else None is returned.
+    """
+    if platform.machine() not in ("x86_64", "amd64"):
+        return None
+    try:
+        rdtsc, _page = _rdtsc_function()
+    except (OSError, ValueError, AttributeError):
+        return None
+    rates = []
+    for _ in range(samples):
+        c0, t0 = rdtsc(), time.monotonic_ns()
+        time.sleep(interval_s)
+        c1, t1 = rdtsc(), time.monotonic_ns()
+        rates.append((c1 - c0) * 1_000_000 / (t1 - t0))
+    rates.sort()
+    khz = rates[len(rates) // 2]
+    if not 100_000 <= khz <= 20_000_000 or (rates[-1] - rates[0]) > khz * 0.001:
+        return None
+    return round(khz)
+
+
+def kernel_cmdline() -> str:
+    """The command line stored in a new image: KERNEL_CMDLINE plus ``tsc_early_khz`` when measurable.
+
+    Under TCG the guest TSC runs at the host TSC rate, and microvm has no HPET or ACPI PM timer:
+    the guest calibrates its TSC against the emulated PIT, which fails in about one boot in four
+    on a 2-core host ("tsc: Unable to calibrate against PIT", then the boot hangs in
+    ``calibrate_delay``). Telling the kernel the frequency skips that calibration. The value is
+    the host's, so an image belongs to the host that built it.
+    """
+    khz = host_tsc_khz()
+    return KERNEL_CMDLINE if khz is None else f"{KERNEL_CMDLINE} tsc_early_khz={khz}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -796,11 +854,12 @@ def _build_into(staging: Path, final: Path, image_id: str, inputs: dict[str, str
     steps("collect guest files")
     _write_initramfs(staging / INITRAMFS_NAME, image_id, kver, moddir, modules, steps)
     steps("finalize")
+    cmdline = kernel_cmdline()
     _copy_durable(vmlinuz, staging / KERNEL_NAME)
     shutil.rmtree(staging / "_kernel")
     info = ImageInfo(
         image_id=image_id, path=final, kernel=final / KERNEL_NAME, initramfs=final / INITRAMFS_NAME,
-        kernel_version=kver, cmdline=KERNEL_CMDLINE, inputs=dict(inputs), built_at=time.time(),
+        kernel_version=kver, cmdline=cmdline, inputs=dict(inputs), built_at=time.time(),
         size_bytes=sum((staging / n).stat().st_size for n in (KERNEL_NAME, INITRAMFS_NAME)),
     )
     _write_json_atomic(staging / IMAGE_JSON, info.to_json())
