@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import secrets
 import socket
 import threading
 from collections.abc import Callable
@@ -26,7 +27,9 @@ class AgentChannel:
         self.sock = sock
         self.name = name
         self._describe_exit = describe_exit
-        self._ids = itertools.count(1)
+        # A random start: a late reply meant for an earlier connection (before a controller restart)
+        # can never match a request of ours.
+        self._ids = itertools.count(secrets.randbits(40) + 1)
         self._pending: dict[int, tuple[str, Future[dict[str, Any]]]] = {}
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
@@ -56,12 +59,13 @@ class AgentChannel:
             raise ChannelClosedError(f"{self.name}: cannot send {op}: {e}") from e
         return fut
 
-    def call(self, op: str, timeout: float | None = 60.0, **args: Any) -> dict[str, Any]:
+    def call(self, op: str, reply_timeout: float | None = 60.0, **args: Any) -> dict[str, Any]:
         """Send a request and return its ``result``; AgentError if the agent answered with an error.
 
-        ``timeout`` is in seconds (None waits for ever).
+        ``reply_timeout`` is how long to wait for the reply, in seconds (None waits for ever); ``args``
+        are the request's fields (which may include the agent's own ``timeout``).
         """
-        return self.result(op, self.submit(op, **args), timeout)
+        return self.result(op, self.submit(op, **args), reply_timeout)
 
     def result(self, op: str, fut: Future[dict[str, Any]], timeout: float | None) -> dict[str, Any]:
         try:

@@ -52,15 +52,15 @@ class Child:
 
     # -- guest operations (timeouts in seconds)
     def ping(self, timeout: float = 30.0) -> dict[str, Any]:
-        return self.vm.channel.call("ping", timeout=timeout)
+        return self.vm.channel.call("ping", reply_timeout=timeout)
 
     def eval(self, expr: str, timeout: float = 60.0) -> dict[str, Any]:
         """Evaluate an expression in the warmed interpreter: ``{"repr", "value", "type"}``."""
-        return self.vm.channel.call("eval", timeout=timeout, expr=expr)
+        return self.vm.channel.call("eval", reply_timeout=timeout, expr=expr)
 
     def run_code(self, code: str, timeout: float = 60.0) -> dict[str, Any]:
         """Run statements with state kept between calls: ``{"stdout", "stderr", "repr", "value"}``."""
-        return self.vm.channel.call("run_code", timeout=timeout, code=code)
+        return self.vm.channel.call("run_code", reply_timeout=timeout, code=code)
 
     def exec(self, argv: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
              stdin: str | bytes | None = None, timeout: float | None = 30.0,
@@ -76,13 +76,13 @@ class Child:
         elif stdin is not None:
             args["stdin"] = stdin
         wait = None if timeout is None else timeout + 30.0
-        return ExecResult.from_reply(self.vm.channel.call("exec", timeout=wait, **args))
+        return ExecResult.from_reply(self.vm.channel.call("exec", reply_timeout=wait, **args))
 
     def read_file(self, path: str, timeout: float = 60.0) -> bytes:
         """The whole file, read in chunks (binary safe)."""
         out, offset = bytearray(), 0
         while True:
-            r = self.vm.channel.call("file_read", timeout=timeout, path=path, offset=offset, length=8 << 20)
+            r = self.vm.channel.call("file_read", reply_timeout=timeout, path=path, offset=offset, length=8 << 20)
             chunk = base64.b64decode(r["data_b64"])
             out += chunk
             offset += len(chunk)
@@ -91,21 +91,21 @@ class Child:
 
     def write_file(self, path: str, data: bytes | str, mode: int = 0o644, timeout: float = 60.0) -> int:
         raw = data.encode() if isinstance(data, str) else data
-        r = self.vm.channel.call("file_write", timeout=timeout, path=path, mode=mode,
+        r = self.vm.channel.call("file_write", reply_timeout=timeout, path=path, mode=mode,
                                  data_b64=base64.b64encode(raw).decode())
         return int(r["bytes_written"])
 
     def list_dir(self, path: str, timeout: float = 30.0) -> list[dict[str, Any]]:
-        return list(self.vm.channel.call("file_list", timeout=timeout, path=path)["entries"])
+        return list(self.vm.channel.call("file_list", reply_timeout=timeout, path=path)["entries"])
 
     def stat(self, path: str, timeout: float = 30.0) -> dict[str, Any]:
-        return dict(self.vm.channel.call("file_stat", timeout=timeout, path=path)["entry"])
+        return dict(self.vm.channel.call("file_stat", reply_timeout=timeout, path=path)["entry"])
 
     def mkdir(self, path: str, parents: bool = True, timeout: float = 30.0) -> None:
-        self.vm.channel.call("file_mkdir", timeout=timeout, path=path, parents=parents, exist_ok=True)
+        self.vm.channel.call("file_mkdir", reply_timeout=timeout, path=path, parents=parents, exist_ok=True)
 
     def remove(self, path: str, recursive: bool = False, timeout: float = 60.0) -> None:
-        self.vm.channel.call("file_remove", timeout=timeout, path=path, recursive=recursive)
+        self.vm.channel.call("file_remove", reply_timeout=timeout, path=path, recursive=recursive)
 
     # -- host side
     def memory(self) -> dict[str, int]:

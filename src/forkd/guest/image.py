@@ -29,6 +29,7 @@ import shutil
 import struct
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -297,13 +298,28 @@ def _kernel_from_meta(meta: str, fields: dict[str, str]) -> tuple[str, str]:
                           f"(Depends: {fields.get('Depends', '')!r})")
 
 
+APT_LISTS = Path("/var/lib/apt/lists")
+_kernel_memo: dict[tuple[str | None, int], tuple[str, str, str]] = {}
+
+
 def resolve_kernel_package() -> tuple[str, str, str]:
     """Return (meta package, kernel package, version) for the guest kernel, from apt's lists.
 
     The meta package is ``$FORKD_GUEST_KERNEL_PACKAGE`` if set, else ``linux-image-cloud-amd64``,
-    falling back to ``linux-image-amd64``.
+    falling back to ``linux-image-amd64``. ``apt-cache`` takes ~0.7 s without a package cache,
+    so the answer is remembered until apt's lists change (``apt-get update``).
     """
     override = os.environ.get(KERNEL_PACKAGE_ENV)
+    try:
+        key = (override, APT_LISTS.stat().st_mtime_ns)
+    except OSError:
+        key = (override, -1)
+    if key not in _kernel_memo:
+        _kernel_memo[key] = _resolve_kernel_package(override)
+    return _kernel_memo[key]
+
+
+def _resolve_kernel_package(override: str | None) -> tuple[str, str, str]:
     candidates = [override] if override else [DEFAULT_KERNEL_META, FALLBACK_KERNEL_META]
     for meta in candidates:
         fields = _apt_show(meta)
@@ -447,7 +463,8 @@ def fetch_kernel_deb(package: str, version: str) -> Path:
     target = cache / f"{package}_{version.replace(':', '%3a')}.deb"
     if target.is_file() and _deb_matches(target, package, version):
         return target
-    tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=cache))
+    _clean_stale(cache, ".download-*")
+    tmp = Path(tempfile.mkdtemp(prefix=".download-", suffix=f"-{os.getpid()}", dir=cache))
     try:
         _run(["apt-get", "download", f"{package}={version}"], cwd=tmp,
              hint="check network access to the Debian mirror and run `apt-get update`")
@@ -821,9 +838,9 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _clean_stale(root: Path) -> None:
-    """Remove staging/trash directories left by builds whose process is gone."""
-    for d in list(root.glob(".staging-*")) + list(root.glob(".trash-*")):
+def _clean_stale(root: Path, *patterns: str) -> None:
+    """Remove ``<pattern>-<pid>`` directories under ``root`` left by processes that are gone."""
+    for d in [d for pattern in patterns for d in root.glob(pattern)]:
         pid = d.name.rsplit("-", 1)[-1]
         if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
             shutil.rmtree(d, ignore_errors=True)
@@ -882,6 +899,9 @@ def _publish(staging: Path, final: Path, info: ImageInfo, force: bool) -> ImageI
     return info
 
 
+_build_lock = threading.Lock()
+
+
 def build_image(root: Path | None = None, *, force: bool = False,
                 progress: Progress | None = None) -> ImageInfo:
     """Build the guest image for the current inputs under ``root`` and return it.
@@ -889,10 +909,14 @@ def build_image(root: Path | None = None, *, force: bool = False,
     Returns the existing image without rebuilding unless ``force``. ``progress(step, done,
     total)`` is called at the start of each step (``done`` = steps finished) and once more with
     ``("done", total, total)``. Raises ImageBuildError (naming the fix) if anything fails; a failed
-    or interrupted build leaves no directory that looks like an image.
+    or interrupted build leaves no directory that looks like an image. Builds in one process are
+    serialized; builds in different processes use separate staging directories.
     """
-    root = _root(root)
-    steps = _Steps(progress)
+    with _build_lock:
+        return _build_image(_root(root), force, _Steps(progress))
+
+
+def _build_image(root: Path, force: bool, steps: _Steps) -> ImageInfo:
     steps("check host packages")
     inputs = image_inputs()
     image_id = image_id_for(inputs)
@@ -901,7 +925,7 @@ def build_image(root: Path | None = None, *, force: bool = False,
         steps.finish()
         return existing
     root.mkdir(parents=True, exist_ok=True)
-    _clean_stale(root)
+    _clean_stale(root, ".staging-*", ".trash-*")
     staging = root / f".staging-{image_id}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()

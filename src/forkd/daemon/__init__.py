@@ -1,0 +1,1 @@
+"""forkd-controller: the daemon that owns snapshots and sandboxes and serves the REST API."""

@@ -1,0 +1,145 @@
+"""``forkd-controller serve``: every flag also reads its FORKD_* environment variable."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import ssl
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import click
+import uvicorn
+
+from forkd import __version__
+from forkd.daemon.app import create_app
+from forkd.daemon.audit import AuditLog, AuditMiddleware
+from forkd.daemon.auth import BearerAuth, is_loopback, load_token
+from forkd.daemon.metrics import Metrics
+from forkd.daemon.service import Controller
+from forkd.daemon.state import StateFile
+from forkd.engine import Engine
+from forkd.errors import ForkdError, ValidationError
+from forkd.paths import snapshot_root
+
+log = logging.getLogger("forkd.controller")
+
+
+def parse_bind(bind: str) -> tuple[str, int] | str:
+    """``host:port`` / ``[v6]:port`` -> (host, port); ``unix:/path`` -> path."""
+    if bind.startswith("unix:"):
+        path = bind[5:]
+        if not path.startswith("/"):
+            raise ValidationError(f"--bind {bind!r}: a Unix socket path must be absolute")
+        return path
+    host, sep, port = bind.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValidationError(f"--bind {bind!r}: expected HOST:PORT or unix:/path")
+    return host.strip("[]"), int(port)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="forkd-controller")
+def cli() -> None:
+    """The forkd controller daemon."""
+
+
+@cli.command()
+@click.option("--bind", envvar="FORKD_BIND", default="127.0.0.1:8889", show_default=True,
+              help="HOST:PORT, or unix:/path/to.sock for a Unix socket.")
+@click.option("--state", "state_path", envvar="FORKD_STATE", default="/var/lib/forkd/state.json",
+              show_default=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--snapshot-root", envvar="FORKD_SNAPSHOT_ROOT", default=None, type=click.Path(path_type=Path),
+              help="Snapshot directory (default: $FORKD_HOME/snapshots).")
+@click.option("--audit-log", envvar="FORKD_AUDIT_LOG", default="/var/log/forkd/audit.log", show_default=True,
+              type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--token-file", envvar="FORKD_TOKEN_FILE", default=None, type=click.Path(path_type=Path),
+              help="Bearer token file (mode 0600, >= 16 bytes). Without it only loopback binds are allowed.")
+@click.option("--tls-cert", envvar="FORKD_TLS_CERT", default=None, type=click.Path(path_type=Path))
+@click.option("--tls-key", envvar="FORKD_TLS_KEY", default=None, type=click.Path(path_type=Path))
+@click.option("--prewarm-scratch-dir", "scratch_dir", envvar="FORKD_PREWARM_SCRATCH_DIR", default=None,
+              type=click.Path(path_type=Path),
+              help="Scratch dir for the children's work dirs (~5 MiB each; default: run/ beside --state).")
+@click.option("--branch-concurrency", envvar="FORKD_BRANCH_CONCURRENCY", default=4, show_default=True,
+              type=click.IntRange(1, 1024), help="Maximum BRANCH operations in flight.")
+@click.option("--pool-size", envvar="FORKD_POOL_SIZE", default=0, show_default=True, type=click.IntRange(0, 1000),
+              help="QEMUs kept waiting per snapshot once it has been spawned from.")
+@click.option("--accel", envvar="FORKD_ACCEL", default=None, type=click.Choice(["auto", "kvm", "tcg"]))
+@click.option("--log-level", envvar="FORKD_LOG_LEVEL", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+def serve(bind: str, state_path: Path, snapshot_root: Path | None, audit_log: Path, token_file: Path | None,
+          tls_cert: Path | None, tls_key: Path | None, scratch_dir: Path | None, branch_concurrency: int,
+          pool_size: int, accel: str | None, log_level: str) -> None:
+    """Serve the REST API."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config, audit = build(bind, state_path, snapshot_root, audit_log, token_file, tls_cert, tls_key,
+                              scratch_dir, branch_concurrency, pool_size, accel, log_level)
+    except ForkdError as e:
+        click.echo(f"forkd-controller: error: {e}", err=True)
+        sys.exit(2)
+    signal.signal(signal.SIGHUP, lambda *_: audit.reopen())
+    uvicorn.Server(config).run()
+    audit.close()
+
+
+def build(bind: str, state_path: Path, snap_root: Path | None, audit_path: Path, token_file: Path | None,
+          tls_cert: Path | None, tls_key: Path | None, scratch_dir: Path | None, branch_concurrency: int,
+          pool_size: int, accel: str | None, log_level: str) -> tuple[uvicorn.Config, AuditLog]:
+    where = parse_bind(bind)
+    token = load_token(token_file) if token_file else None
+    if token is None and isinstance(where, tuple) and not is_loopback(where[0]):
+        raise ValidationError(f"refusing to bind {bind} without --token-file: an unauthenticated API may only "
+                              "listen on loopback or a Unix socket")
+    if bool(tls_cert) != bool(tls_key):
+        raise ValidationError("--tls-cert and --tls-key must be given together")
+    for p in (tls_cert, tls_key):
+        if p is not None and not os.access(p, os.R_OK):
+            raise ValidationError(f"TLS file {p} is not readable")
+    run_dir = scratch_dir or state_path.parent / "run"
+    engine = Engine(snapshot_root=snap_root or snapshot_root(), run_dir=run_dir, accel=accel)
+    engine.accel  # noqa: B018 - fail at start-up, not on the first request, if the accelerator is unusable
+    ctl = Controller(engine, StateFile(state_path), pool_size=pool_size)
+    ctl.branch_concurrency = branch_concurrency  # type: ignore[attr-defined]
+    audit = AuditLog(audit_path)
+    metrics = Metrics(lambda: len(ctl.list_snapshots()), ctl.active_count)
+    ctl.spawn_observer = metrics.spawn_seconds.observe
+    app = create_app(ctl, metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: object) -> AsyncIterator[None]:
+        import anyio.to_thread
+
+        anyio.to_thread.current_default_thread_limiter().total_tokens = 256
+        report = ctl.reconcile()
+        log.info("forkd-controller %s on %s (accel %s); reconcile: %s", __version__, bind, engine.accel.name,
+                 {k: len(v) for k, v in report.items()})
+        yield
+        log.info("shutting down: sandboxes keep running and are re-adopted at the next start")
+        ctl.shutdown()
+
+    app.router.lifespan_context = lifespan
+    asgi = AuditMiddleware(BearerAuth(app, token), audit, metrics.observe_request)
+    kw: dict[str, object] = {"log_level": log_level, "timeout_graceful_shutdown": 30, "access_log": False,
+                             "lifespan": "on", "server_header": False}
+    if isinstance(where, str):
+        kw["uds"] = where
+    else:
+        kw["host"], kw["port"] = where
+    if tls_cert and tls_key:
+        kw["ssl_certfile"], kw["ssl_keyfile"] = str(tls_cert), str(tls_key)
+    config = uvicorn.Config(asgi, **kw)  # type: ignore[arg-type]
+    config.load()
+    if config.ssl is not None:
+        config.ssl.minimum_version = ssl.TLSVersion.TLSv1_2  # TLS 1.2 and 1.3 only
+    if isinstance(where, str):
+        with contextlib.suppress(OSError):
+            os.chmod(where, 0o600)
+    return config, audit
+
+
+def main() -> None:
+    cli()

@@ -1,0 +1,219 @@
+"""The controller's core: owns the engine, the live sandboxes and the state file.
+
+HTTP handlers call these methods; nothing here knows about HTTP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from forkd.daemon.state import StateFile
+from forkd.engine import Child, Engine
+from forkd.engine.cleanup import sweep
+from forkd.engine.vm import WorkDir, process_matches
+from forkd.errors import ChannelClosedError, ForkdError, SnapshotNotFoundError, ValidationError
+from forkd.paths import validate_child_id, validate_tag
+
+log = logging.getLogger("forkd.controller")
+
+
+class NotFound(ForkdError):
+    pass
+
+
+class Conflict(ForkdError):
+    pass
+
+
+@dataclass
+class Sandbox:
+    child: Child
+    network: str = "user"
+    memory_limit_mib: int | None = None
+    netns: str | None = None
+    ready_ms: float | None = None
+    from_pool: bool = False
+    created_at: float = field(default_factory=time.time)
+
+    @property
+    def id(self) -> str:
+        return self.child.id
+
+    def record(self) -> dict[str, Any]:
+        return {"id": self.id, "snapshot_tag": self.child.snapshot, "pid": self.child.pid,
+                "workdir": str(self.child.vm.workdir.path), "created_at": self.created_at,
+                "network": self.network, "memory_limit_mib": self.memory_limit_mib, "netns": self.netns,
+                "ready_ms": self.ready_ms, "from_pool": self.from_pool}
+
+    def info(self) -> dict[str, Any]:
+        status = self.child.vm.exit_status()
+        return {**self.record(), "status": "running" if status is None else "exited", "exit_reason": status}
+
+
+class Controller:
+    def __init__(self, engine: Engine, state: StateFile, pool_size: int = 0) -> None:
+        self.engine = engine
+        self.state = state
+        self.pool_size = pool_size
+        self._sandboxes: dict[str, Sandbox] = {}
+        self._lock = threading.RLock()
+        self.spawn_observer: Any = None  # callback(seconds) per restored child, for metrics
+
+    # -- lifecycle
+    def reconcile(self) -> dict[str, list[str]]:
+        """Re-adopt recorded sandboxes whose QEMU is alive and really is theirs; prune the rest; kill
+        orphans (VMs in our run dir that no record owns, e.g. pool members of a crashed daemon)."""
+        recorded = self.state.load()
+        adopted, pruned, orphans = [], [], []
+        for sid, rec in recorded.items():
+            workdir = Path(str(rec.get("workdir", "")))
+            try:
+                validate_child_id(sid)
+                if workdir.parent != self.engine.run_dir or not process_matches(int(rec.get("pid", 0)), sid):
+                    raise ForkdError("process gone")
+                child = self.engine.adopt(workdir)
+                child.ping(timeout=30)
+            except (ForkdError, OSError, ValueError) as e:
+                log.info("pruning sandbox %s: %s", sid, e)
+                with contextlib.suppress(Exception):
+                    if process_matches(int(rec.get("pid", 0)), sid):
+                        child = self.engine.adopt(workdir)
+                        child.kill()
+                if workdir.parent == self.engine.run_dir:
+                    shutil.rmtree(workdir, ignore_errors=True)
+                pruned.append(sid)
+                continue
+            self._sandboxes[sid] = Sandbox(
+                child=child, network=str(rec.get("network", "user")), memory_limit_mib=rec.get("memory_limit_mib"),
+                netns=rec.get("netns"), ready_ms=rec.get("ready_ms"), from_pool=bool(rec.get("from_pool")),
+                created_at=float(rec.get("created_at", time.time())))
+            adopted.append(sid)
+        if self.engine.run_dir.is_dir():
+            for d in self.engine.run_dir.iterdir():
+                meta = WorkDir(d).read_meta() if d.is_dir() else None
+                if meta and meta.get("id") not in self._sandboxes and process_matches(int(meta.get("pid", 0)),
+                                                                                       str(meta.get("id"))):
+                    with contextlib.suppress(Exception):
+                        self.engine.adopt(d).kill()
+                    orphans.append(str(meta.get("id")))
+        sweep(self.engine.run_dir, self.engine.store)
+        self._save()
+        return {"adopted": adopted, "pruned": pruned, "orphans_killed": orphans}
+
+    def shutdown(self) -> None:
+        """Stop pools and let go of the sandboxes: their VMs keep running for the next start-up."""
+        self.engine.close_pools()
+        with self._lock:
+            for sb in self._sandboxes.values():
+                sb.child.vm.channel.close()
+                sb.child.vm.qmp.close()
+            self._save()
+
+    def _save(self) -> None:
+        with self._lock:
+            self.state.save({sid: sb.record() for sid, sb in self._sandboxes.items()})
+
+    # -- snapshots
+    def snapshot_info(self, tag: str) -> dict[str, Any]:
+        snap = self.engine.store.open(validate_tag(tag))
+        return {**snap.summary(), "status": "ready", "sandboxes": self.users_of(tag)}
+
+    def list_snapshots(self) -> list[dict[str, Any]]:
+        out = []
+        for tag, snap, _err in self.engine.store.list():
+            if snap is not None:
+                out.append({**snap.summary(), "status": "ready", "sandboxes": self.users_of(tag)})
+        return out
+
+    def create_snapshot(self, tag: str, memory_mib: int, vcpus: int, warm_code: str | None,
+                        boot_timeout_s: float) -> dict[str, Any]:
+        snap = self.engine.create_snapshot(tag, memory_mib=memory_mib, vcpus=vcpus, warm_code=warm_code,
+                                           boot_timeout=boot_timeout_s)
+        return {**snap.summary(), "status": "ready", "sandboxes": 0}
+
+    def delete_snapshot(self, tag: str, force: bool = False) -> None:
+        validate_tag(tag)
+        if not self.engine.store.exists(tag):
+            raise SnapshotNotFoundError(f"snapshot {tag} not found")
+        users = self.users_of(tag)
+        if users and not force:
+            raise Conflict(f"snapshot {tag} is used by {users} live sandbox(es); kill them first or pass ?force=true")
+        self.engine.delete_snapshot(tag)
+
+    def users_of(self, tag: str) -> int:
+        with self._lock:
+            return sum(1 for sb in self._sandboxes.values() if sb.child.snapshot == tag and sb.child.alive())
+
+    # -- sandboxes
+    def spawn(self, tag: str, n: int, network: str, memory_limit_mib: int | None, per_child_netns: bool,
+              timeout_s: float) -> list[dict[str, Any]]:
+        if per_child_netns:
+            raise ValidationError("per_child_netns: per-child network namespaces are not available in this "
+                                  "version of forkd; leave it false (each child has its own user-mode network)")
+        if memory_limit_mib is not None:
+            raise ValidationError("memory_limit_mib: memory limits are not available in this version of forkd")
+        validate_tag(tag)
+        if self.pool_size > 0 and network == "user":
+            self.engine.start_pool(tag, self.pool_size)
+        results = self.engine.spawn(tag, n, timeout=timeout_s, network=network)
+        out = []
+        with self._lock:
+            for r in results:
+                if r.child is None:
+                    out.append({"index": r.index, "sandbox": None, "error": r.error})
+                    continue
+                sb = Sandbox(child=r.child, network=network, memory_limit_mib=memory_limit_mib,
+                             ready_ms=None if r.child.ready_s is None else round(r.child.ready_s * 1000, 2),
+                             from_pool=r.child.from_pool)
+                self._sandboxes[sb.id] = sb
+                if self.spawn_observer is not None and r.child.ready_s is not None:
+                    self.spawn_observer(r.child.ready_s)
+                out.append({"index": r.index, "sandbox": sb.info(), "error": None})
+            self._save()
+        return out
+
+    def list_sandboxes(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [sb.info() for sb in self._sandboxes.values()]
+
+    def get(self, sid: str) -> Sandbox:
+        validate_child_id(sid)
+        with self._lock:
+            sb = self._sandboxes.get(sid)
+        if sb is None:
+            raise NotFound(f"sandbox {sid} not found")
+        return sb
+
+    def running(self, sid: str) -> Child:
+        """The child of a running sandbox; Conflict if its VM has exited."""
+        sb = self.get(sid)
+        status = sb.child.vm.exit_status()
+        if status is not None:
+            raise Conflict(f"sandbox {sid} is not running ({status})")
+        return sb.child
+
+    def delete(self, sid: str) -> None:
+        sb = self.get(sid)
+        with self._lock:
+            self._sandboxes.pop(sid, None)
+            self._save()
+        sb.child.kill()
+
+    def call(self, sid: str, fn: Any) -> Any:
+        """Run ``fn(child)``; a VM that dies meanwhile becomes a Conflict naming how it ended."""
+        child = self.running(sid)
+        try:
+            return fn(child)
+        except ChannelClosedError as e:
+            raise Conflict(f"sandbox {sid} stopped: {e}") from e
+
+    def active_count(self) -> int:
+        with self._lock:
+            return sum(1 for sb in self._sandboxes.values() if sb.child.alive())

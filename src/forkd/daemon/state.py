@@ -1,0 +1,37 @@
+"""``state.json``: the sandboxes the daemon owns, rewritten atomically on every change."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+from forkd.fsutil import atomic_write_json
+
+VERSION = 1
+
+
+class StateFile:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+
+    def load(self) -> dict[str, dict[str, Any]]:
+        """The recorded sandboxes by id (empty when there is no state yet)."""
+        try:
+            d = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except ValueError as e:
+            raise ValueError(f"{self.path} is not valid JSON: {e}") from e
+        if not isinstance(d, dict) or d.get("version") != VERSION:
+            got = d.get("version") if isinstance(d, dict) else d
+            raise ValueError(f"{self.path}: unsupported state version {got!r}")
+        sb = d.get("sandboxes", {})
+        return {k: v for k, v in sb.items() if isinstance(v, dict)}
+
+    def save(self, sandboxes: dict[str, dict[str, Any]]) -> None:
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.path, {"version": VERSION, "sandboxes": sandboxes}, mode=0o600)
