@@ -130,7 +130,7 @@ def build_argv(qemu: QemuBinary, spec: MachineSpec, host: HostSide, memory_path:
     machine = spec.machine + (f",{spec.machine_opts}" if spec.machine_opts else "") + ",memory-backend=mem"
     mem = (f"memory-backend-file,id=mem,size={spec.memory_mib}M,mem-path={memory_path},"
            f"share={'on' if share else 'off'}")
-    argv = [qemu.path, "-name", host.name, "-nodefaults", "-no-user-config", "-display", "none",
+    argv = [qemu.path, "-name", host.name, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-accel", accel, "-cpu", spec.cpu, "-smp", str(spec.vcpus), "-m", f"{spec.memory_mib}M",
             "-machine", machine, "-object", mem]
     if host.sandbox:

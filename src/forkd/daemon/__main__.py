@@ -1,0 +1,3 @@
+from forkd.daemon.main import main
+
+main()

@@ -1,0 +1,256 @@
+"""The real forkd-controller process over real HTTP, with real VMs behind it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .conftest import Daemon, free_port, make_token_file, start_daemon_process, wait_healthy
+
+pytestmark = pytest.mark.vm
+
+
+def spawn(c: httpx.Client, tag: str, n: int = 1) -> list[str]:
+    r = c.post("/v1/sandboxes", json={"snapshot_tag": tag, "n": n})
+    assert r.status_code == 201, r.text
+    entries = r.json()
+    assert len(entries) == n and all(e["sandbox"] for e in entries), entries
+    return [e["sandbox"]["id"] for e in entries]
+
+
+def test_auth(daemon: Daemon) -> None:
+    assert httpx.get(f"{daemon.url}/healthz").json() == {"ok": True}
+    for headers in ({}, {"Authorization": "Bearer wrong-token-123456"}, {"Authorization": daemon.token}):
+        r = httpx.get(f"{daemon.url}/v1/snapshots", headers=headers)
+        assert r.status_code == 401 and "bearer token" in r.json()["error"]
+    assert httpx.get(f"{daemon.url}/version", headers=daemon.headers).json()["accelerator"] in ("kvm", "tcg")
+    assert daemon.token not in (daemon.dir / "daemon.log").read_text()
+
+
+@pytest.mark.parametrize("content,mode,why", [
+    ("short", 0o600, "at least 16"),
+    ("REPLACE_ME_WITH_32_BYTES_BASE64", 0o600, "placeholder"),
+    ("CHANGE_ME-0123456789abcdef", 0o600, "placeholder"),
+    ("0123456789abcdef0123", 0o644, "chmod 600"),
+    ("   \n", 0o600, "empty"),
+])
+def test_bad_token_files_are_refused(tmp_path: Path, content: str, mode: int, why: str) -> None:
+    tf = tmp_path / "token"
+    tf.write_text(content)
+    tf.chmod(mode)
+    p = subprocess.run([sys.executable, "-m", "forkd.daemon", "serve", "--bind", f"127.0.0.1:{free_port()}",
+                        "--token-file", str(tf), "--state", str(tmp_path / "s.json"),
+                        "--audit-log", str(tmp_path / "a.log")], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and why in p.stderr, p.stderr
+    assert content.strip() == "" or content not in p.stderr  # the token is never echoed
+
+
+def test_non_loopback_without_token_is_refused(tmp_path: Path) -> None:
+    p = subprocess.run([sys.executable, "-m", "forkd.daemon", "serve", "--bind", f"0.0.0.0:{free_port()}",
+                        "--state", str(tmp_path / "s.json"), "--audit-log", str(tmp_path / "a.log")],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "without --token-file" in p.stderr
+
+
+def test_tls(tmp_path: Path, engine) -> None:
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "server.pem"))
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    port = free_port()
+    args = ["--bind", f"127.0.0.1:{port}", "--state", str(tmp_path / "s.json"), "--audit-log",
+            str(tmp_path / "a.log"), "--tls-cert", str(tmp_path / "server.pem"), "--tls-key",
+            str(tmp_path / "server.pem"), "--snapshot-root", str(engine.store.root),
+            "--token-file", str(make_token_file(tmp_path / "token", "x" * 32))]
+    proc = start_daemon_process(args, tmp_path)
+    try:
+        url = f"https://127.0.0.1:{port}"
+        wait_healthy(url, proc, verify=str(tmp_path / "ca.pem"))
+        auth = {"Authorization": "Bearer " + "x" * 32}
+        r = httpx.get(f"{url}/version", verify=str(tmp_path / "ca.pem"), headers=auth)
+        assert r.status_code == 200
+        with httpx.Client(verify=str(tmp_path / "ca.pem")) as c:
+            assert c.get(f"{url}/healthz").status_code == 200
+        old = ssl.create_default_context(cafile=str(tmp_path / "ca.pem"))
+        old.set_ciphers("DEFAULT:@SECLEVEL=0")
+        old.minimum_version = ssl.TLSVersion.TLSv1
+        old.maximum_version = ssl.TLSVersion.TLSv1_1
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{url}/healthz", verify=old)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def test_validation_errors_name_the_field(daemon: Daemon, snapshot: str) -> None:
+    with daemon.client() as c:
+        r = c.post("/v1/sandboxes", json={"snapshot_tag": snapshot, "n": 1001})
+        assert r.status_code == 422 and "n:" in r.json()["error"]
+        r = c.post("/v1/sandboxes", json={"snapshot_tag": "../etc", "n": 1})
+        assert r.status_code == 422 and "snapshot_tag" in r.json()["error"]
+        r = c.post("/v1/sandboxes", json={"snapshot_tag": snapshot, "bogus": 1})
+        assert r.status_code == 422 and "bogus" in r.json()["error"]
+        r = c.post("/v1/sandboxes", content=b"{not json", headers={"content-type": "application/json"})
+        assert r.status_code == 422
+        assert c.get("/v1/sandboxes/..%2Fetc").status_code in (404, 422)
+        assert c.get("/v1/sandboxes/sb-0000000000000000").status_code == 404
+        assert c.get("/v1/snapshots/nope/info").status_code == 404
+        r = c.post("/v1/sandboxes", json={"snapshot_tag": "nope"})
+        assert r.status_code == 404 and "nope" in r.json()["error"]
+
+
+def test_sandbox_lifecycle(daemon: Daemon, snapshot: str) -> None:
+    with daemon.client() as c:
+        sid, sid2 = spawn(c, snapshot, 2)
+        assert c.post(f"/v1/sandboxes/{sid}/ping").json()["numpy"]
+        r = c.post(f"/v1/sandboxes/{sid}/eval", json={"expr": "numpy.zeros(5).tolist()"}).json()
+        assert r["ok"] and r["value"] == [0.0] * 5
+        assert c.post(f"/v1/sandboxes/{sid}/run_code", json={"code": "v = 40"}).json()["ok"]
+        r = c.post(f"/v1/sandboxes/{sid}/run_code", json={"code": "print('p')\nv + 2"}).json()
+        assert (r["value"], r["stdout"]) == (42, "p\n")
+        r = c.post(f"/v1/sandboxes/{sid}/run_code", json={"code": "raise KeyError('k')"}).json()
+        assert not r["ok"] and r["error"]["type"] == "KeyError" and "Traceback" in r["error"]["traceback"]
+        r = c.post(f"/v1/sandboxes/{sid}/exec", json={"argv": ["/bin/sh", "-c", "cat; exit 4"], "stdin": "x"}).json()
+        assert (r["exit_code"], r["stdout"]) == (4, "x")
+        data = bytes(range(256)) * 64
+        assert c.put(f"/v1/sandboxes/{sid}/files", params={"path": "/tmp/b"}, content=data).json() == {
+            "bytes_written": len(data)}
+        assert c.get(f"/v1/sandboxes/{sid}/files", params={"path": "/tmp/b"}).content == data
+        assert c.get(f"/v1/sandboxes/{sid2}/files", params={"path": "/tmp/b"}).status_code == 404
+        assert [e["name"] for e in c.get(f"/v1/sandboxes/{sid}/files/list", params={"path": "/tmp"}).json()[
+            "entries"]] == ["b"]
+        assert c.delete(f"/v1/sandboxes/{sid}/files", params={"path": "/tmp/b"}).status_code == 204
+        ids = {s["id"] for s in c.get("/v1/sandboxes").json()}
+        assert {sid, sid2} <= ids
+        for s in (sid, sid2):
+            assert c.delete(f"/v1/sandboxes/{s}").status_code == 204
+            assert c.get(f"/v1/sandboxes/{s}").status_code == 404
+
+
+def test_metrics_agree_with_the_api(daemon: Daemon, snapshot: str) -> None:
+    with daemon.client() as c:
+        sids = spawn(c, snapshot, 2)
+        text = c.get("/metrics").text
+        active = sum(1 for s in c.get("/v1/sandboxes").json() if s["status"] == "running")
+        snaps = len(c.get("/v1/snapshots").json())
+        assert f"forkd_sandboxes_active {float(active)}" in text
+        assert f"forkd_snapshots_total {float(snaps)}" in text
+        assert 'forkd_build_info{version="' in text and "forkd_spawn_seconds_count" in text
+        assert "forkd_http_request_duration_seconds" in text
+        for s in sids:
+            c.delete(f"/v1/sandboxes/{s}")
+
+
+def test_snapshot_in_use_cannot_be_deleted(daemon: Daemon, engine, snapshot: str) -> None:
+    from .test_snapshots import clone_snapshot
+
+    clone_snapshot(engine, snapshot, "in-use")
+    with daemon.client() as c:
+        (sid,) = spawn(c, "in-use")
+        r = c.delete("/v1/snapshots/in-use")
+        assert r.status_code == 409 and "force" in r.json()["error"]
+        assert c.get("/v1/snapshots/in-use/info").json()["sandboxes"] == 1
+        c.delete(f"/v1/sandboxes/{sid}")
+        assert c.delete("/v1/snapshots/in-use").status_code == 204
+        assert c.get("/v1/snapshots/in-use/info").status_code == 404
+
+
+def test_audit_log_and_sighup_reopen(daemon: Daemon) -> None:
+    httpx.get(f"{daemon.url}/v1/sandboxes")  # a 401
+    lines = [json.loads(x) for x in daemon.audit.read_text().splitlines()]
+    last = [x for x in lines if x["status"] == 401][-1]
+    assert {"ts", "method", "path", "status", "latency_us", "ua", "remote"} <= set(last)
+    assert daemon.token not in daemon.audit.read_text()
+    rotated = daemon.audit.with_suffix(".log.1")
+    os.rename(daemon.audit, rotated)
+    daemon.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 30
+    while not daemon.audit.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    httpx.get(f"{daemon.url}/healthz")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and '"/healthz"' not in daemon.audit.read_text():
+        time.sleep(0.05)
+    assert '"/healthz"' in daemon.audit.read_text()
+
+
+def test_restart_keeps_sandboxes_and_prunes_dead_ones(daemon: Daemon, snapshot: str) -> None:
+    with daemon.client() as c:
+        keep, dead = spawn(c, snapshot, 2)
+        c.post(f"/v1/sandboxes/{keep}/run_code", json={"code": "mark = 'before-restart'"})
+        dead_pid = c.get(f"/v1/sandboxes/{dead}").json()["pid"]
+    assert daemon.stop() == 0
+    os.kill(dead_pid, signal.SIGKILL)
+    daemon.restart()
+    with daemon.client() as c:
+        assert c.post(f"/v1/sandboxes/{keep}/eval", json={"expr": "mark"}).json()["value"] == "before-restart"
+        assert c.get(f"/v1/sandboxes/{dead}").status_code == 404
+        assert dead not in json.loads(daemon.state.read_text())["sandboxes"]
+        c.delete(f"/v1/sandboxes/{keep}")
+
+
+def test_recycled_pid_is_not_adopted(daemon: Daemon, snapshot: str) -> None:
+    """A state record whose PID now belongs to another program is pruned, and that program lives."""
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        daemon.stop()
+        state = json.loads(daemon.state.read_text())
+        fake = "sb-feedfacefeedface"
+        state["sandboxes"][fake] = {"id": fake, "snapshot_tag": snapshot, "pid": other.pid,
+                                    "workdir": str(daemon.dir / "run" / fake), "created_at": time.time()}
+        daemon.state.write_text(json.dumps(state))
+        daemon.restart()
+        with daemon.client() as c:
+            assert c.get(f"/v1/sandboxes/{fake}").status_code == 404
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_sigterm_drains_in_flight_requests(daemon: Daemon, snapshot: str) -> None:
+    with daemon.client() as c:
+        (sid,) = spawn(c, snapshot)
+    out: dict[str, object] = {}
+
+    def slow() -> None:
+        with daemon.client() as c2:
+            out["r"] = c2.post(f"/v1/sandboxes/{sid}/exec", json={"argv": ["sleep", "2"]})
+
+    t = threading.Thread(target=slow)
+    t.start()
+    time.sleep(0.7)
+    assert daemon.stop(signal.SIGTERM) == 0
+    t.join(60)
+    assert out["r"].status_code == 200 and out["r"].json()["exit_code"] == 0  # type: ignore[union-attr]
+    daemon.restart()
+    with daemon.client() as c:
+        assert c.delete(f"/v1/sandboxes/{sid}").status_code == 204
+
+
+def test_unix_socket(tmp_path: Path, engine) -> None:
+    sock = tmp_path / "forkd.sock"
+    proc = start_daemon_process(["--bind", f"unix:{sock}", "--state", str(tmp_path / "s.json"), "--audit-log",
+                                 str(tmp_path / "a.log"), "--snapshot-root", str(engine.store.root)], tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://forkd") as c:
+            assert c.get("/healthz").json() == {"ok": True}
+            assert c.get("/v1/snapshots").status_code == 200
+        assert oct(sock.stat().st_mode & 0o777) == oct(0o600)
+    finally:
+        proc.terminate()
+        proc.wait(60)
