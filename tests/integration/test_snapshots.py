@@ -92,17 +92,24 @@ def test_other_qemu_or_accelerator_is_refused(engine: Engine, snapshot: str) -> 
         engine.spawn("other-accel", 1)
 
 
-def test_state_qemu_cannot_load_fails_fast_with_qemu_message(engine: Engine, snapshot: str) -> None:
-    """A vmstate that passes our checks but that QEMU rejects: the child's error says why, no hang."""
-    d = clone_snapshot(engine, snapshot, "bad-stream")
-    data = bytearray((d / "vmstate").read_bytes())
-    data[len(data) - 2000] ^= 0xFF  # inside the device sections
-    (d / "vmstate").write_bytes(bytes(data))
+@pytest.mark.parametrize("damage", ["magic", "truncated"])
+def test_state_qemu_cannot_load_fails_fast_with_qemu_message(engine: Engine, snapshot: str, damage: str) -> None:
+    """A vmstate that passes our checks (its hash re-recorded) but that QEMU rejects: the child's error
+    says what QEMU said, and nothing hangs."""
     from forkd.fsutil import sha256_file
 
-    edit_meta(d, lambda m: m["files"]["vmstate"].update(sha256=sha256_file(d / "vmstate")))
-    (res,) = engine.spawn("bad-stream", 1, timeout=60)
+    tag = f"bad-stream-{damage}"
+    d = clone_snapshot(engine, snapshot, tag)
+    data = bytearray((d / "vmstate").read_bytes())
+    if damage == "magic":
+        data[0:4] = b"XXXX"
+    else:
+        data = data[: len(data) // 2]
+    (d / "vmstate").write_bytes(bytes(data))
+    edit_meta(d, lambda m: m["files"]["vmstate"].update(sha256=sha256_file(d / "vmstate"), size=len(data)))
+    (res,) = engine.spawn(tag, 1, timeout=60)
     assert res.child is None and "died while restoring" in res.error, res.error
+    assert "QEMU said" in res.error
 
 
 def test_existing_tag_is_refused(engine: Engine, snapshot: str) -> None:

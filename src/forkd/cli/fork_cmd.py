@@ -39,7 +39,7 @@ def row_json(res: SpawnResult, ran: dict[str, Any]) -> dict[str, Any]:
             "pss_kib": mem.get("Pss"), "rss_kib": mem.get("Rss"), **ran}
 
 
-@click.command()
+@click.command(context_settings={"allow_interspersed_args": False})
 @click.option("--tag", required=True, help="Snapshot to fork from.")
 @click.option("-n", "--n", "n", type=click.IntRange(1, 1000), default=1, show_default=True,
               help="Number of children.")

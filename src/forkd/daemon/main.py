@@ -6,9 +6,10 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import ssl
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import click
@@ -82,8 +83,23 @@ def serve(bind: str, state_path: Path, snapshot_root: Path | None, audit_log: Pa
         click.echo(f"forkd-controller: error: {e}", err=True)
         sys.exit(2)
     signal.signal(signal.SIGHUP, lambda *_: audit.reopen())
-    uvicorn.Server(config).run()
+    _Server(config).run()
     audit.close()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, but a SIGTERM/SIGINT after a graceful drain is a clean exit (status 0),
+    not a re-raised signal."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        sigs = (signal.SIGINT, signal.SIGTERM)
+        old = {s: signal.signal(s, self.handle_exit) for s in sigs}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
 
 
 def build(bind: str, state_path: Path, snap_root: Path | None, audit_path: Path, token_file: Path | None,
@@ -126,7 +142,7 @@ def build(bind: str, state_path: Path, snap_root: Path | None, audit_path: Path,
     kw: dict[str, object] = {"log_level": log_level, "timeout_graceful_shutdown": 30, "access_log": False,
                              "lifespan": "on", "server_header": False}
     if isinstance(where, str):
-        kw["uds"] = where
+        kw["fd"] = unix_listener(Path(where)).detach()
     else:
         kw["host"], kw["port"] = where
     if tls_cert and tls_key:
@@ -135,10 +151,22 @@ def build(bind: str, state_path: Path, snap_root: Path | None, audit_path: Path,
     config.load()
     if config.ssl is not None:
         config.ssl.minimum_version = ssl.TLSVersion.TLSv1_2  # TLS 1.2 and 1.3 only
-    if isinstance(where, str):
-        with contextlib.suppress(OSError):
-            os.chmod(where, 0o600)
     return config, audit
+
+
+def unix_listener(path: Path) -> socket.socket:
+    """A listening Unix socket only its owner may connect to (uvicorn's own would be mode 0666)."""
+    with contextlib.suppress(FileNotFoundError):
+        if path.is_socket():
+            path.unlink()
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        s.bind(str(path))
+    finally:
+        os.umask(old)
+    s.listen(1024)
+    return s
 
 
 def main() -> None:

@@ -1,0 +1,496 @@
+"""The I/O-free half of the SDK, shared by the sync and async clients.
+
+Each API operation is a function returning a :class:`Call`: the HTTP request to make and how to turn
+its response into a result. ``sync.py`` and ``aio.py`` only send calls (``httpx.Client`` vs
+``httpx.AsyncClient``) and hand the response back to :meth:`BaseController._finish`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+from urllib.parse import quote
+
+import httpx
+
+from forkd.sdk._config import Endpoint, Verify, resolve, timeout_config
+from forkd.sdk.errors import (
+    APIConnectionError,
+    APIStatusError,
+    APITimeoutError,
+    CodeError,
+    ForkdAPIError,
+    SpawnError,
+    error_for_status,
+)
+from forkd.sdk.models import (
+    CommandResult,
+    EvalResult,
+    Execution,
+    FileEntry,
+    Model,
+    PingResult,
+    SandboxInfo,
+    SnapshotInfo,
+    SpawnEntry,
+    VersionInfo,
+)
+
+T = TypeVar("T")
+M = TypeVar("M", bound=Model)
+S = TypeVar("S")
+
+MARGIN = 30.0
+"""Seconds added to an operation's own timeout to get its HTTP request timeout."""
+SNAPSHOT_MARGIN = 300.0
+"""Seconds added to ``boot_timeout`` for the rest of a snapshot's creation (warming, saving memory)."""
+MAX_CHILDREN = 1000
+NETWORKS = ("user", "none")
+Params = dict[str, str | int | float | bool]
+
+
+class _UseDefault:
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+DEFAULT = _UseDefault()
+"""Marker: use the controller's default request timeout."""
+
+
+@dataclass(frozen=True)
+class Call(Generic[T]):
+    """One HTTP request and the parser of its (successful) response."""
+
+    method: str
+    path: str
+    parse: Callable[[httpx.Response], T]
+    params: Params | None = None
+    json: object = None
+    content: bytes | None = None
+    timeout: float | None | _UseDefault = DEFAULT
+    """Request timeout in seconds (``None``: no limit)."""
+
+
+# ---------------------------------------------------------------- errors and parsing
+
+
+def redact(value: T, token: str | None) -> T:
+    """``value`` with every occurrence of ``token`` in its strings replaced (recursively)."""
+    if not token:
+        return value
+    out: Any = value
+    if isinstance(value, str):
+        out = value.replace(token, "[REDACTED]")
+    elif isinstance(value, Mapping):
+        out = {redact(k, token): redact(v, token) for k, v in value.items()}
+    elif isinstance(value, list):
+        out = [redact(v, token) for v in value]
+    return out
+
+
+def error_from_response(resp: httpx.Response, token: str | None) -> APIStatusError:
+    """The SDK exception for an error response (``{"error": "..."}`` when it comes from forkd)."""
+    body: object
+    try:
+        body = resp.json()
+    except ValueError:
+        body = resp.text
+    if isinstance(body, Mapping) and isinstance(body.get("error"), str):
+        message = str(body["error"])
+    else:
+        text = body if isinstance(body, str) else resp.text
+        message = resp.reason_phrase or "error"
+        if text.strip():
+            message += f": {text.strip()[:500]}"
+    return error_for_status(resp.status_code, redact(message, token), redact(body, token))
+
+
+def transport_error(exc: httpx.RequestError, call: Call[Any], ep: Endpoint) -> APIConnectionError:
+    """The SDK exception for a request that got no response."""
+    detail = redact(str(exc) or type(exc).__name__, ep.token)
+    if isinstance(exc, httpx.TimeoutException):
+        limit = "" if isinstance(call.timeout, _UseDefault) or call.timeout is None else f" after {call.timeout:g} s"
+        return APITimeoutError(f"{call.method} {call.path} timed out{limit} ({detail})")
+    return APIConnectionError(f"cannot reach forkd-controller at {ep.url}: {detail}")
+
+
+def json_of(resp: httpx.Response) -> object:
+    try:
+        return resp.json()
+    except ValueError as e:
+        raise ValueError(f"the body is not JSON: {resp.text[:200]!r}") from e
+
+
+def obj_of(resp: httpx.Response) -> Mapping[str, object]:
+    data = json_of(resp)
+    if not isinstance(data, Mapping):
+        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def list_of(data: object, key: str | None = None) -> Sequence[Mapping[str, object]]:
+    if key is not None:
+        data = data.get(key) if isinstance(data, Mapping) else None
+    if not isinstance(data, list) or not all(isinstance(x, Mapping) for x in data):
+        raise ValueError("expected a JSON list of objects" + (f" in {key!r}" if key else ""))
+    return data
+
+
+def model(cls: type[M]) -> Callable[[httpx.Response], M]:
+    return lambda resp: cls.from_dict(obj_of(resp))
+
+
+def models(cls: type[M], key: str | None = None) -> Callable[[httpx.Response], list[M]]:
+    return lambda resp: [cls.from_dict(x) for x in list_of(json_of(resp), key)]
+
+
+def nothing(_: httpx.Response) -> None:
+    return None
+
+
+def raw_bytes(resp: httpx.Response) -> bytes:
+    return resp.content
+
+
+def raw_text(resp: httpx.Response) -> str:
+    return resp.text
+
+
+def code_outcome(resp: httpx.Response) -> Mapping[str, object]:
+    """An eval/run_code response body; ``ok: false`` (the user's code raised) becomes :class:`CodeError`."""
+    data = obj_of(resp)
+    if data.get("ok") is False:
+        err = data.get("error")
+        err = err if isinstance(err, Mapping) else {}
+        tb = err.get("traceback")
+        raise CodeError(str(err.get("type") or "Error"), str(err.get("message") or ""),
+                        tb if isinstance(tb, str) else None, stdout=str(data.get("stdout") or ""),
+                        stderr=str(data.get("stderr") or ""))
+    return data
+
+
+# ---------------------------------------------------------------- argument checks
+
+
+def segment(value: object, name: str) -> str:
+    """``value`` as one URL path segment (percent-encoded); ValueError if it is not a non-empty string."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name}: must be a non-empty string, got {value!r}")
+    return quote(value, safe="")
+
+
+def check_str(value: object, name: str, *, empty: bool = True) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{name}: expected a string, got {type(value).__name__}")
+    if not empty and not value:
+        raise ValueError(f"{name}: must not be empty")
+    return value
+
+
+def check_int(value: object, name: str, lo: int, hi: int | None = None) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name}: expected an integer, got {type(value).__name__}")
+    if value < lo or (hi is not None and value > hi):
+        raise ValueError(f"{name}: must be in {lo}..{'' if hi is None else hi}, got {value}")
+    return value
+
+
+def seconds(value: object, name: str = "timeout") -> float:
+    """A positive, finite number of seconds."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise TypeError(f"{name}: expected seconds as a number, got {type(value).__name__}")
+    if not value > 0 or not math.isfinite(value):
+        raise ValueError(f"{name}: must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def seconds_or_none(value: object, name: str = "timeout") -> float | None:
+    """Like :func:`seconds`, but ``None`` (no limit) is allowed."""
+    return None if value is None else seconds(value, name)
+
+
+def guest_path(path: object) -> str:
+    if isinstance(path, bytes) or not isinstance(path, str):
+        raise TypeError(f"path: expected a string, got {type(path).__name__}")
+    if not path:
+        raise ValueError("path: must not be empty")
+    return path
+
+
+# ---------------------------------------------------------------- service and snapshots
+
+
+def op_health() -> Call[bool]:
+    return Call("GET", "/healthz", lambda r: obj_of(r).get("ok") is True)
+
+
+def op_version() -> Call[VersionInfo]:
+    return Call("GET", "/version", model(VersionInfo))
+
+
+def op_metrics() -> Call[str]:
+    return Call("GET", "/metrics", raw_text)
+
+
+def op_list_snapshots() -> Call[list[SnapshotInfo]]:
+    return Call("GET", "/v1/snapshots", models(SnapshotInfo))
+
+
+def op_create_snapshot(tag: str, memory_mib: int, vcpus: int, warm_code: str | None,
+                       boot_timeout: float) -> Call[SnapshotInfo]:
+    check_str(tag, "tag", empty=False)
+    check_int(memory_mib, "memory_mib", 1)
+    check_int(vcpus, "vcpus", 1)
+    if warm_code is not None:
+        check_str(warm_code, "warm_code")
+    bt = seconds(boot_timeout, "boot_timeout")
+    body = {"tag": tag, "memory_mib": memory_mib, "vcpus": vcpus, "warm_code": warm_code, "boot_timeout_s": bt}
+    return Call("POST", "/v1/snapshots", model(SnapshotInfo), json=body, timeout=bt + SNAPSHOT_MARGIN)
+
+
+def op_snapshot_info(tag: str) -> Call[SnapshotInfo]:
+    return Call("GET", f"/v1/snapshots/{segment(tag, 'tag')}/info", model(SnapshotInfo))
+
+
+def op_delete_snapshot(tag: str, force: bool) -> Call[None]:
+    return Call("DELETE", f"/v1/snapshots/{segment(tag, 'tag')}", nothing, params={"force": bool(force)})
+
+
+# ---------------------------------------------------------------- sandboxes
+
+
+def op_spawn(snapshot_tag: str, n: int, network: str, memory_limit_mib: int | None, per_child_netns: bool,
+             timeout: float) -> Call[list[SpawnEntry]]:
+    check_str(snapshot_tag, "snapshot_tag", empty=False)
+    check_int(n, "n", 1, MAX_CHILDREN)
+    if network not in NETWORKS:
+        raise ValueError(f"network: must be one of {', '.join(map(repr, NETWORKS))}, got {network!r}")
+    if memory_limit_mib is not None:
+        check_int(memory_limit_mib, "memory_limit_mib", 1)
+    t = seconds(timeout)
+    body = {"snapshot_tag": snapshot_tag, "n": n, "network": network, "memory_limit_mib": memory_limit_mib,
+            "per_child_netns": bool(per_child_netns), "timeout_s": t}
+    # ``timeout`` bounds each child's restore and children restore a few at a time, so n * timeout bounds
+    # the request: giving up earlier would leave started sandboxes that nobody knows the ids of.
+    return Call("POST", "/v1/sandboxes", lambda r: [SpawnEntry.from_dict(x) for x in list_of(json_of(r))],
+                json=body, timeout=n * t + MARGIN)
+
+
+def spawn_results(entries: list[SpawnEntry], make: Callable[[SandboxInfo], S]) -> list[S | SpawnError[S]]:
+    """One sandbox object or one per-child :class:`SpawnError` per entry, in request order."""
+    out: list[S | SpawnError[S]] = []
+    for e in sorted(entries, key=lambda x: x.index):
+        if e.sandbox is not None:
+            out.append(make(e.sandbox))
+        else:
+            msg = e.error or "unknown error"
+            out.append(SpawnError(f"sandbox {e.index} failed to start: {msg}", errors=[(e.index, msg)]))
+    return out
+
+
+def spawn_or_raise(results: Sequence[S | SpawnError[S]]) -> list[S]:
+    """The sandboxes, or :class:`SpawnError` carrying the started ones if any child failed."""
+    started: list[S] = []
+    errors: list[tuple[int, str]] = []
+    for r in results:
+        if isinstance(r, SpawnError):
+            errors.extend(r.errors)
+        else:
+            started.append(r)
+    if errors:
+        shown = "; ".join(f"[{i}] {m}" for i, m in errors[:5]) + ("; ..." if len(errors) > 5 else "")
+        raise SpawnError(f"{len(errors)} of {len(results)} sandboxes failed to start "
+                         f"({len(started)} started and still running): {shown}", sandboxes=started, errors=errors)
+    return started
+
+
+def op_list_sandboxes() -> Call[list[SandboxInfo]]:
+    return Call("GET", "/v1/sandboxes", models(SandboxInfo))
+
+
+def sandbox_path(sandbox_id: str, rest: str = "") -> str:
+    return f"/v1/sandboxes/{segment(sandbox_id, 'sandbox_id')}{rest}"
+
+
+def op_get_sandbox(sandbox_id: str) -> Call[SandboxInfo]:
+    return Call("GET", sandbox_path(sandbox_id), model(SandboxInfo))
+
+
+def op_kill(sandbox_id: str) -> Call[None]:
+    return Call("DELETE", sandbox_path(sandbox_id), nothing)
+
+
+def op_ping(sandbox_id: str) -> Call[PingResult]:
+    return Call("POST", sandbox_path(sandbox_id, "/ping"), model(PingResult))
+
+
+def op_eval(sandbox_id: str, expr: str, timeout: float) -> Call[EvalResult]:
+    check_str(expr, "expr", empty=False)
+    t = seconds(timeout)
+    return Call("POST", sandbox_path(sandbox_id, "/eval"), lambda r: EvalResult.from_dict(code_outcome(r)),
+                json={"expr": expr, "timeout_s": t}, timeout=t + MARGIN)
+
+
+def op_run_code(sandbox_id: str, code: str, timeout: float) -> Call[Execution]:
+    check_str(code, "code")
+    t = seconds(timeout)
+    return Call("POST", sandbox_path(sandbox_id, "/run_code"), lambda r: Execution.from_dict(code_outcome(r)),
+                json={"code": code, "timeout_s": t}, timeout=t + MARGIN)
+
+
+def argv_of(cmd: str | Sequence[str]) -> list[str]:
+    """A str runs under ``/bin/sh -c``; a list is the program and its arguments (no shell)."""
+    if isinstance(cmd, str):
+        if not cmd.strip():
+            raise ValueError("cmd: the command is empty")
+        return ["/bin/sh", "-c", cmd]
+    if isinstance(cmd, bytes) or not isinstance(cmd, Sequence):
+        raise TypeError(f"cmd: expected a str or a list of str, got {type(cmd).__name__}")
+    argv = list(cmd)
+    if not argv:
+        raise ValueError("cmd: the argument list is empty")
+    bad = [i for i, a in enumerate(argv) if not isinstance(a, str)]
+    if bad:
+        raise TypeError(f"cmd: every argument must be a str; cmd[{bad[0]}] is {type(argv[bad[0]]).__name__}")
+    if not argv[0]:
+        raise ValueError("cmd: the program name (cmd[0]) is empty")
+    return argv
+
+
+def op_exec(sandbox_id: str, cmd: str | Sequence[str], env: Mapping[str, str] | None, cwd: str | None,
+            stdin: str | bytes | None, timeout: float | None, max_output: int) -> Call[CommandResult]:
+    body: dict[str, object] = {"argv": argv_of(cmd)}
+    if env is not None:
+        if not isinstance(env, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+            raise TypeError("env: expected a mapping of str to str")
+        body["env"] = dict(env)
+    if cwd is not None:
+        body["cwd"] = check_str(cwd, "cwd", empty=False)
+    if isinstance(stdin, bytes | bytearray | memoryview):
+        try:
+            body["stdin"] = bytes(stdin).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError("stdin: bytes must be valid UTF-8 (the API carries stdin as text)") from e
+    elif stdin is not None:
+        body["stdin"] = check_str(stdin, "stdin")
+    t = seconds_or_none(timeout)
+    body["timeout_s"] = t
+    body["max_output"] = check_int(max_output, "max_output", 0)
+    return Call("POST", sandbox_path(sandbox_id, "/exec"), model(CommandResult), json=body,
+                timeout=None if t is None else t + MARGIN)
+
+
+# ---------------------------------------------------------------- files
+
+
+def op_read_file(sandbox_id: str, path: str) -> Call[bytes]:
+    return Call("GET", sandbox_path(sandbox_id, "/files"), raw_bytes, params={"path": guest_path(path)})
+
+
+def op_write_file(sandbox_id: str, path: str, data: bytes | bytearray | memoryview | str, mode: int) -> Call[int]:
+    if isinstance(data, str):
+        raw = data.encode("utf-8")
+    elif isinstance(data, bytes | bytearray | memoryview):
+        raw = bytes(data)
+    else:
+        raise TypeError(f"data: expected bytes or str, got {type(data).__name__}")
+    check_int(mode, "mode", 0, 0o7777)
+
+    def parse(resp: httpx.Response) -> int:
+        n = obj_of(resp).get("bytes_written")
+        if not isinstance(n, int):
+            raise ValueError("no integer 'bytes_written'")
+        return n
+
+    return Call("PUT", sandbox_path(sandbox_id, "/files"), parse, params={"path": guest_path(path), "mode": mode},
+                content=raw)
+
+
+def op_list_files(sandbox_id: str, path: str) -> Call[list[FileEntry]]:
+    return Call("GET", sandbox_path(sandbox_id, "/files/list"), models(FileEntry, "entries"),
+                params={"path": guest_path(path)})
+
+
+def op_stat(sandbox_id: str, path: str) -> Call[FileEntry]:
+    return Call("GET", sandbox_path(sandbox_id, "/files/stat"), model(FileEntry), params={"path": guest_path(path)})
+
+
+def op_mkdir(sandbox_id: str, path: str) -> Call[None]:
+    return Call("POST", sandbox_path(sandbox_id, "/files/mkdir"), nothing,
+                json={"path": guest_path(path), "parents": True})
+
+
+def op_remove(sandbox_id: str, path: str, recursive: bool) -> Call[None]:
+    return Call("DELETE", sandbox_path(sandbox_id, "/files"), nothing,
+                params={"path": guest_path(path), "recursive": bool(recursive)})
+
+
+# ---------------------------------------------------------------- shared state of the client objects
+
+
+class BaseController:
+    """What the sync and async controllers share: the endpoint, timeouts and response handling."""
+
+    def __init__(self, url: str | None, token: str | None, timeout: float | None, verify: Verify) -> None:
+        self._endpoint = resolve(url, token, verify)
+        self._timeout = timeout_config(timeout)
+
+    @property
+    def url(self) -> str:
+        """The controller URL this client talks to."""
+        return self._endpoint.url
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(url={self._endpoint.url!r})"
+
+    def _timeout_of(self, call: Call[Any]) -> httpx.Timeout:
+        if isinstance(call.timeout, _UseDefault):
+            return self._timeout
+        return timeout_config(call.timeout)
+
+    def _failed(self, exc: httpx.RequestError, call: Call[Any]) -> APIConnectionError:
+        return transport_error(exc, call, self._endpoint)
+
+    def _finish(self, call: Call[T], resp: httpx.Response) -> T:
+        """Raise the mapped exception for an error status, else parse the response."""
+        if resp.status_code >= 400:
+            raise error_from_response(resp, self._endpoint.token)
+        try:
+            return call.parse(resp)
+        except (ValueError, TypeError, KeyError) as e:
+            raise ForkdAPIError(redact(f"unexpected response to {call.method} {call.path}: {e}",
+                                       self._endpoint.token), status=resp.status_code) from None
+
+
+class BaseSandbox:
+    """What the sync and async sandbox objects share: identity and the last known info."""
+
+    def __init__(self, info: SandboxInfo) -> None:
+        self._info = info
+
+    @property
+    def id(self) -> str:
+        """The sandbox id (``sb-...``)."""
+        return self._info.id
+
+    @property
+    def snapshot_tag(self) -> str:
+        """The snapshot this sandbox was forked from."""
+        return self._info.snapshot_tag
+
+    @property
+    def info(self) -> SandboxInfo:
+        """The info as of the spawn or the last ``refresh()``."""
+        return self._info
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(id={self.id!r}, snapshot_tag={self.snapshot_tag!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, BaseSandbox) and type(other) is type(self) and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, self.id))

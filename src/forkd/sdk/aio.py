@@ -1,0 +1,299 @@
+"""The asyncio client: :class:`AsyncController` and :class:`AsyncSandbox`.
+
+This file mirrors ``sync.py`` class for class and method for method (every method is ``async``, the
+context managers are ``async with``); the request building and response parsing live in ``_base.py``.
+
+Example::
+
+    import asyncio
+    from forkd import AsyncController
+
+    async def main() -> None:
+        async with AsyncController() as ctl:
+            sandboxes = await ctl.spawn_sandboxes("py", 3)
+            try:
+                print(await asyncio.gather(*(sb.eval("2 ** 10") for sb in sandboxes)))
+            finally:
+                await asyncio.gather(*(sb.kill() for sb in sandboxes))
+
+    asyncio.run(main())
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import Any, Literal, Self, TypeVar, overload
+
+import httpx
+
+from forkd.sdk import _base as b
+from forkd.sdk._config import Verify, async_client
+from forkd.sdk.errors import ForkdAPIError, NotFoundError, SpawnError
+from forkd.sdk.models import (
+    CommandResult,
+    EvalResult,
+    Execution,
+    FileEntry,
+    PingResult,
+    SandboxInfo,
+    SnapshotInfo,
+    VersionInfo,
+)
+
+__all__ = ["AsyncCommands", "AsyncController", "AsyncFiles", "AsyncSandbox"]
+
+T = TypeVar("T")
+
+
+class AsyncController(b.BaseController):
+    """An asyncio client of ``forkd-controller``'s REST API (see :class:`forkd.Controller`).
+
+    ``url`` and ``token`` default to ``$FORKD_URL`` (else ``http://127.0.0.1:8889``) and ``$FORKD_TOKEN``;
+    ``timeout`` is the default HTTP request timeout in seconds (``None``: no limit); ``verify`` applies
+    to https URLs; ``transport`` replaces httpx's async transport.
+
+    Use it as an async context manager to close its connections; that does not kill any sandbox.
+    """
+
+    def __init__(self, url: str | None = None, token: str | None = None, *, timeout: float | None = 60.0,
+                 verify: Verify = True, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        super().__init__(url, token, timeout, verify)
+        self._client = async_client(self._endpoint, timeout, transport)
+
+    async def _request(self, call: b.Call[T]) -> T:
+        try:
+            resp = await self._client.request(call.method, call.path, params=call.params, json=call.json,
+                                              content=call.content, timeout=self._timeout_of(call))
+        except httpx.RequestError as e:
+            raise self._failed(e, call) from e
+        return self._finish(call, resp)
+
+    async def close(self) -> None:
+        """Close the HTTP connections (sandboxes keep running)."""
+        await self._client.aclose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    # -- service
+    async def health(self) -> bool:
+        """Whether the controller is up (``/healthz`` needs no token)."""
+        return await self._request(b.op_health())
+
+    async def version(self) -> VersionInfo:
+        """The controller's version, API version, accelerator (kvm/tcg) and QEMU version."""
+        return await self._request(b.op_version())
+
+    async def metrics(self) -> str:
+        """The Prometheus metrics, as text."""
+        return await self._request(b.op_metrics())
+
+    # -- snapshots
+    async def list_snapshots(self) -> list[SnapshotInfo]:
+        """Every ready snapshot."""
+        return await self._request(b.op_list_snapshots())
+
+    async def create_snapshot(self, tag: str, *, memory_mib: int = 512, vcpus: int = 1,
+                              warm_code: str | None = None, boot_timeout: float = 300.0) -> SnapshotInfo:
+        """Boot a parent VM, run ``warm_code`` (Python) in it, and save it as snapshot ``tag``.
+
+        ``memory_mib`` is the guest RAM in MiB; ``boot_timeout`` the seconds allowed for the guest agent
+        to come up (the request may take up to ``boot_timeout`` + 300 s). ConflictError if ``tag`` exists.
+        """
+        return await self._request(b.op_create_snapshot(tag, memory_mib, vcpus, warm_code, boot_timeout))
+
+    async def snapshot_info(self, tag: str) -> SnapshotInfo:
+        """One snapshot; NotFoundError if there is none with that tag."""
+        return await self._request(b.op_snapshot_info(tag))
+
+    async def delete_snapshot(self, tag: str, *, force: bool = False) -> None:
+        """Delete a snapshot; ConflictError while live sandboxes use it, unless ``force``."""
+        await self._request(b.op_delete_snapshot(tag, force))
+
+    # -- sandboxes
+    @overload
+    async def spawn_sandboxes(self, snapshot_tag: str, n: int = 1, *, network: str = "user",
+                              memory_limit_mib: int | None = None, per_child_netns: bool = False,
+                              timeout: float = 120.0,
+                              return_exceptions: Literal[False] = False) -> list[AsyncSandbox]: ...
+
+    @overload
+    async def spawn_sandboxes(self, snapshot_tag: str, n: int = 1, *, network: str = "user",
+                              memory_limit_mib: int | None = None, per_child_netns: bool = False,
+                              timeout: float = 120.0,
+                              return_exceptions: Literal[True]) -> list[AsyncSandbox | SpawnError[AsyncSandbox]]: ...
+
+    @overload
+    async def spawn_sandboxes(self, snapshot_tag: str, n: int = 1, *, network: str = "user",
+                              memory_limit_mib: int | None = None, per_child_netns: bool = False,
+                              timeout: float = 120.0, return_exceptions: bool
+                              ) -> list[AsyncSandbox] | list[AsyncSandbox | SpawnError[AsyncSandbox]]: ...
+
+    async def spawn_sandboxes(self, snapshot_tag: str, n: int = 1, *, network: str = "user",
+                              memory_limit_mib: int | None = None, per_child_netns: bool = False,
+                              timeout: float = 120.0, return_exceptions: bool = False
+                              ) -> list[AsyncSandbox] | list[AsyncSandbox | SpawnError[AsyncSandbox]]:
+        """Fork ``n`` (1..1000) sandboxes from snapshot ``snapshot_tag``, in one request.
+
+        ``network`` is ``"user"`` (NAT to the outside) or ``"none"``; ``timeout`` the seconds allowed for
+        each child's restore. Each child succeeds or fails on its own: if any fails, :class:`SpawnError`
+        is raised with the ones that started in ``.sandboxes`` (still running: kill them or use them) and
+        ``(index, message)`` pairs in ``.errors``. With ``return_exceptions=True`` nothing is raised for
+        failed children: the list holds a ``SpawnError`` in place of each, in request order.
+        """
+        call = b.op_spawn(snapshot_tag, n, network, memory_limit_mib, per_child_netns, timeout)
+        results = b.spawn_results(await self._request(call), lambda info: AsyncSandbox(self, info))
+        return results if return_exceptions else b.spawn_or_raise(results)
+
+    async def spawn_sandbox(self, snapshot_tag: str, *, network: str = "user", memory_limit_mib: int | None = None,
+                            per_child_netns: bool = False, timeout: float = 120.0) -> AsyncSandbox:
+        """Fork one sandbox (see :meth:`spawn_sandboxes`); SpawnError if it failed to start."""
+        return (await self.spawn_sandboxes(snapshot_tag, 1, network=network, memory_limit_mib=memory_limit_mib,
+                                           per_child_netns=per_child_netns, timeout=timeout))[0]
+
+    async def list_sandboxes(self) -> list[AsyncSandbox]:
+        """Every sandbox the controller manages (running or exited)."""
+        return [AsyncSandbox(self, info) for info in await self._request(b.op_list_sandboxes())]
+
+    async def get_sandbox(self, sandbox_id: str) -> AsyncSandbox:
+        """The sandbox with that id; NotFoundError if there is none."""
+        return AsyncSandbox(self, await self._request(b.op_get_sandbox(sandbox_id)))
+
+
+class AsyncSandbox(b.BaseSandbox):
+    """One sandbox (see :class:`forkd.Sandbox`). ``async with`` kills it on exit."""
+
+    def __init__(self, controller: AsyncController, info: SandboxInfo) -> None:
+        super().__init__(info)
+        self._controller = controller
+        self.commands = AsyncCommands(self)
+        """Processes in the guest."""
+        self.files = AsyncFiles(self)
+        """The guest's file system."""
+
+    @property
+    def controller(self) -> AsyncController:
+        return self._controller
+
+    async def _request(self, call: b.Call[T]) -> T:
+        return await self._controller._request(call)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        if exc is None:
+            await self.kill()
+            return
+        with contextlib.suppress(ForkdAPIError):  # the exception in flight matters more
+            await self.kill()
+
+    async def refresh(self) -> SandboxInfo:
+        """Fetch the sandbox's info again (``.info``), e.g. to see whether it is still running."""
+        self._info = await self._request(b.op_get_sandbox(self.id))
+        return self._info
+
+    async def kill(self) -> None:
+        """Kill the VM and remove its files. Idempotent: killing a sandbox that is gone is not an error."""
+        with contextlib.suppress(NotFoundError):
+            await self._request(b.op_kill(self.id))
+
+    async def ping(self) -> PingResult:
+        """Ask the guest agent for its versions and uptime."""
+        return await self._request(b.op_ping(self.id))
+
+    async def eval(self, expr: str, *, timeout: float = 60.0) -> Any:
+        """Evaluate a Python expression: its JSON value if serializable, else its ``repr`` (see
+        :meth:`forkd.Sandbox.eval`). ``timeout`` in seconds. Raises :class:`CodeError` if it raised."""
+        return (await self.eval_result(expr, timeout=timeout)).python_value()
+
+    async def eval_result(self, expr: str, *, timeout: float = 60.0) -> EvalResult:
+        """Like :meth:`eval`, but the whole result: ``value``, ``repr`` and ``type``."""
+        return await self._request(b.op_eval(self.id, expr, timeout))
+
+    async def run_code(self, code: str, *, timeout: float = 60.0) -> Execution:
+        """Run Python statements (state persists between calls): stdout, stderr and the last expression.
+
+        ``timeout`` is in seconds. Raises :class:`CodeError` (with the traceback and the output so far)
+        if the code raised.
+        """
+        return await self._request(b.op_run_code(self.id, code, timeout))
+
+
+class AsyncCommands:
+    """Processes in a sandbox (``sandbox.commands``)."""
+
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._sandbox = sandbox
+
+    async def run(self, cmd: str | Sequence[str], *, env: Mapping[str, str] | None = None, cwd: str | None = None,
+                  stdin: str | bytes | None = None, timeout: float | None = 60.0,
+                  max_output: int = 1 << 20) -> CommandResult:
+        """Run a command and wait for it (see :meth:`forkd.sdk.sync.Commands.run`).
+
+        A ``str`` runs under ``/bin/sh -c``; a list runs without a shell. ``timeout`` is in seconds
+        (``None``: no limit); ``max_output`` the bytes kept per stream.
+        """
+        sb = self._sandbox
+        return await sb._request(b.op_exec(sb.id, cmd, env, cwd, stdin, timeout, max_output))
+
+
+class AsyncFiles:
+    """The file system of a sandbox (``sandbox.files``). Paths are absolute guest paths."""
+
+    def __init__(self, sandbox: AsyncSandbox) -> None:
+        self._sandbox = sandbox
+
+    async def read(self, path: str) -> bytes:
+        """The file's bytes; NotFoundError if it does not exist."""
+        sb = self._sandbox
+        return await sb._request(b.op_read_file(sb.id, path))
+
+    async def read_text(self, path: str, encoding: str = "utf-8") -> str:
+        """The file decoded as ``encoding``."""
+        return (await self.read(path)).decode(encoding)
+
+    async def write(self, path: str, data: bytes | bytearray | memoryview | str, *, mode: int = 0o644) -> int:
+        """Write ``data`` (a str is UTF-8 encoded) to ``path``, replacing it atomically; missing parent
+        directories are created. ``mode`` is the permission bits. Returns the bytes written."""
+        sb = self._sandbox
+        return await sb._request(b.op_write_file(sb.id, path, data, mode))
+
+    async def list(self, path: str) -> builtins.list[FileEntry]:
+        """The entries of a directory, sorted by name."""
+        sb = self._sandbox
+        return await sb._request(b.op_list_files(sb.id, path))
+
+    async def stat(self, path: str) -> FileEntry:
+        """One file's type, size, mode and mtime; NotFoundError if it does not exist."""
+        sb = self._sandbox
+        return await sb._request(b.op_stat(sb.id, path))
+
+    async def make_dir(self, path: str) -> None:
+        """Create a directory and its missing parents (no error if it exists)."""
+        sb = self._sandbox
+        await sb._request(b.op_mkdir(sb.id, path))
+
+    async def remove(self, path: str, *, recursive: bool = False) -> None:
+        """Remove a file, or a directory (which must be empty unless ``recursive``)."""
+        sb = self._sandbox
+        await sb._request(b.op_remove(sb.id, path, recursive))
+
+    async def exists(self, path: str) -> bool:
+        """Whether ``path`` exists. NotFoundError still means the *sandbox* is gone."""
+        sb = self._sandbox
+        try:
+            await sb._request(b.op_stat(sb.id, path))
+        except NotFoundError:
+            # 404 is both "no such file" and "no such sandbox": tell them apart.
+            await sb._request(b.op_get_sandbox(sb.id))
+            return False
+        return True

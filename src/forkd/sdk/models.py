@@ -1,0 +1,223 @@
+"""Result types of the SDK (plain dataclasses).
+
+They are built from the controller's JSON with :meth:`Model.from_dict`, which ignores fields it does
+not know (a newer controller may add some) and gives missing optional fields their defaults. Times are
+unix seconds, durations seconds (``*_ms``: milliseconds), sizes bytes (``*_mib``: MiB).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Self
+
+__all__ = [
+    "CommandResult",
+    "EvalResult",
+    "Execution",
+    "FileEntry",
+    "Model",
+    "PingResult",
+    "SandboxInfo",
+    "SnapshotInfo",
+    "SpawnEntry",
+    "VersionInfo",
+]
+
+
+class Model:
+    """Mixin: construction from a JSON object, tolerant of unknown fields."""
+
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> Self:
+        """Build from ``data``; unknown keys are ignored. ``ValueError`` if a required field is missing."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{cls.__name__}: expected a JSON object, got {type(data).__name__}")
+        known = {f.name: f for f in dataclasses.fields(cls) if f.init}
+        missing = [n for n, f in known.items() if n not in data and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise ValueError(f"{cls.__name__}: missing field(s) {', '.join(missing)}")
+        kwargs: dict[str, Any] = {k: v for k, v in data.items() if k in known}
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class VersionInfo(Model):
+    """``GET /version``: the controller's version and how it runs VMs."""
+
+    version: str
+    api: str = "v1"
+    accelerator: str = ""
+    accelerator_reason: str = ""
+    qemu_version: str = ""
+
+
+@dataclass(frozen=True)
+class SnapshotInfo(Model):
+    """A saved, warmed parent VM that sandboxes are forked from."""
+
+    tag: str
+    status: str = "ready"
+    created_at: float = 0.0
+    memory_mib: int = 0
+    vcpus: int = 1
+    accel: str = ""
+    cpu: str = ""
+    machine: str = ""
+    qemu_version: str | None = None
+    image_id: str | None = None
+    vmstate_bytes: int = 0
+    memory_bytes: int = 0
+    memory_allocated_bytes: int = 0
+    guest: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds spent in each creation step."""
+    parent: str | None = None
+    sandboxes: int = 0
+    """Live sandboxes forked from this snapshot."""
+
+
+@dataclass(frozen=True)
+class SandboxInfo(Model):
+    """What the controller knows about one sandbox (a child VM)."""
+
+    id: str
+    snapshot_tag: str
+    status: str = "running"
+    """``"running"`` or ``"exited"``."""
+    exit_reason: str | None = None
+    pid: int = 0
+    created_at: float = 0.0
+    ready_ms: float | None = None
+    """Milliseconds from launch until the child's agent answered."""
+    from_pool: bool = False
+    network: str = "user"
+    memory_limit_mib: int | None = None
+    netns: str | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.status == "running"
+
+
+@dataclass(frozen=True)
+class SpawnEntry:
+    """One child of a spawn request: its sandbox, or the error that stopped it."""
+
+    index: int
+    sandbox: SandboxInfo | None = None
+    error: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> SpawnEntry:
+        index = data.get("index") if isinstance(data, Mapping) else None
+        if not isinstance(index, int):
+            raise ValueError("SpawnEntry: expected an object with an integer 'index'")
+        sb, err = data.get("sandbox"), data.get("error")
+        info = SandboxInfo.from_dict(sb) if isinstance(sb, Mapping) else None
+        if info is None and err is None:
+            err = "the controller reported neither a sandbox nor an error"
+        return cls(index=index, sandbox=info, error=None if err is None else str(err))
+
+
+@dataclass(frozen=True)
+class PingResult(Model):
+    """The guest agent's answer to ``ping``."""
+
+    agent_version: str | None = None
+    python: str | None = None
+    numpy: str | None = None
+    uptime_s: float | None = None
+    """Seconds since the agent started (guest monotonic clock)."""
+    pid: int | None = None
+    time: float | None = None
+    """The guest's wall clock, unix seconds."""
+
+
+@dataclass(frozen=True)
+class EvalResult(Model):
+    """The result of evaluating an expression.
+
+    ``value`` is the result as JSON (lists for tuples, ...) when it could be serialized, else ``None``;
+    ``repr`` is always the guest's ``repr()`` of it and ``type`` its type name.
+    """
+
+    repr: str
+    value: Any = None
+    type: str = ""
+
+    @property
+    def serializable(self) -> bool:
+        """Whether ``value`` carries the result (``None`` results count as serializable)."""
+        return self.value is not None or self.type == "NoneType"
+
+    def python_value(self) -> Any:
+        """``value`` if the result was JSON-serializable, else the ``repr`` string."""
+        return self.value if self.serializable else self.repr
+
+
+@dataclass(frozen=True)
+class Execution(Model):
+    """The result of ``run_code``: captured output and the last expression statement's value.
+
+    ``repr`` is ``None`` when the code did not end with an expression (or it was ``None``); ``value`` is
+    that value as JSON when it could be serialized, else ``None``.
+    """
+
+    stdout: str = ""
+    stderr: str = ""
+    value: Any = None
+    repr: str | None = None
+
+    @property
+    def text(self) -> str | None:
+        """The last expression's ``repr`` (like a REPL shows it), or ``None``."""
+        return self.repr
+
+
+@dataclass(frozen=True)
+class CommandResult(Model):
+    """The result of ``commands.run``.
+
+    ``exit_code`` is negative (minus the signal number) for a process killed by a signal, ``None`` if
+    unknown. Output beyond ``max_output`` bytes per stream is dropped (``*_truncated``); ``timed_out``
+    means the process group was killed when the timeout expired. ``duration_s`` is in seconds.
+    """
+
+    exit_code: int | None
+    stdout: str = ""
+    stderr: str = ""
+    timed_out: bool = False
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    duration_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """Exit code 0 and not timed out."""
+        return self.exit_code == 0 and not self.timed_out
+
+
+@dataclass(frozen=True)
+class FileEntry(Model):
+    """A file in the guest: ``type`` is ``"file"``, ``"dir"``, ``"symlink"`` or ``"other"``; ``mode`` the
+    permission bits; ``size`` bytes; ``mtime`` unix seconds."""
+
+    name: str
+    path: str
+    type: str
+    size: int = 0
+    mode: int = 0
+    mtime: float = 0.0
+
+    @property
+    def is_dir(self) -> bool:
+        return self.type == "dir"
+
+    @property
+    def is_file(self) -> bool:
+        return self.type == "file"

@@ -1,0 +1,300 @@
+"""The synchronous client: :class:`Controller` (the API) and :class:`Sandbox` (one child VM).
+
+``aio.py`` mirrors this file class for class and method for method; the request building and response
+parsing both use live in ``_base.py``.
+
+Example::
+
+    from forkd import Controller
+
+    with Controller() as ctl, ctl.spawn_sandbox("py") as sb:   # the sandbox is killed on exit
+        print(sb.eval("1 + 1"))
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import Any, Literal, Self, TypeVar, overload
+
+import httpx
+
+from forkd.sdk import _base as b
+from forkd.sdk._config import Verify, sync_client
+from forkd.sdk.errors import ForkdAPIError, NotFoundError, SpawnError
+from forkd.sdk.models import (
+    CommandResult,
+    EvalResult,
+    Execution,
+    FileEntry,
+    PingResult,
+    SandboxInfo,
+    SnapshotInfo,
+    VersionInfo,
+)
+
+__all__ = ["Commands", "Controller", "Files", "Sandbox"]
+
+T = TypeVar("T")
+
+
+class Controller(b.BaseController):
+    """A client of ``forkd-controller``'s REST API.
+
+    ``url`` and ``token`` default to ``$FORKD_URL`` (else ``http://127.0.0.1:8889``) and ``$FORKD_TOKEN``;
+    ``url`` may be ``http(s)://host:port``, ``unix:/path/to.sock`` or ``http+unix://%2Fpath%2Fto.sock``.
+    ``timeout`` is the default HTTP request timeout in seconds (``None``: no limit); operations with
+    their own ``timeout`` wait that long plus 30 s. ``verify`` applies to https URLs: ``True`` (system
+    CAs), ``False``, a CA bundle path or an ``ssl.SSLContext``. ``transport`` replaces httpx's transport
+    (tests, custom networking).
+
+    Use it as a context manager to close its connections; that does not kill any sandbox.
+    """
+
+    def __init__(self, url: str | None = None, token: str | None = None, *, timeout: float | None = 60.0,
+                 verify: Verify = True, transport: httpx.BaseTransport | None = None) -> None:
+        super().__init__(url, token, timeout, verify)
+        self._client = sync_client(self._endpoint, timeout, transport)
+
+    def _request(self, call: b.Call[T]) -> T:
+        try:
+            resp = self._client.request(call.method, call.path, params=call.params, json=call.json,
+                                        content=call.content, timeout=self._timeout_of(call))
+        except httpx.RequestError as e:
+            raise self._failed(e, call) from e
+        return self._finish(call, resp)
+
+    def close(self) -> None:
+        """Close the HTTP connections (sandboxes keep running)."""
+        self._client.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # -- service
+    def health(self) -> bool:
+        """Whether the controller is up (``/healthz`` needs no token)."""
+        return self._request(b.op_health())
+
+    def version(self) -> VersionInfo:
+        """The controller's version, API version, accelerator (kvm/tcg) and QEMU version."""
+        return self._request(b.op_version())
+
+    def metrics(self) -> str:
+        """The Prometheus metrics, as text."""
+        return self._request(b.op_metrics())
+
+    # -- snapshots
+    def list_snapshots(self) -> list[SnapshotInfo]:
+        """Every ready snapshot."""
+        return self._request(b.op_list_snapshots())
+
+    def create_snapshot(self, tag: str, *, memory_mib: int = 512, vcpus: int = 1, warm_code: str | None = None,
+                        boot_timeout: float = 300.0) -> SnapshotInfo:
+        """Boot a parent VM, run ``warm_code`` (Python) in it, and save it as snapshot ``tag``.
+
+        ``memory_mib`` is the guest RAM in MiB; ``boot_timeout`` the seconds allowed for the guest agent
+        to come up (the request may take up to ``boot_timeout`` + 300 s). ConflictError if ``tag`` exists.
+        """
+        return self._request(b.op_create_snapshot(tag, memory_mib, vcpus, warm_code, boot_timeout))
+
+    def snapshot_info(self, tag: str) -> SnapshotInfo:
+        """One snapshot; NotFoundError if there is none with that tag."""
+        return self._request(b.op_snapshot_info(tag))
+
+    def delete_snapshot(self, tag: str, *, force: bool = False) -> None:
+        """Delete a snapshot; ConflictError while live sandboxes use it, unless ``force``."""
+        self._request(b.op_delete_snapshot(tag, force))
+
+    # -- sandboxes
+    @overload
+    def spawn_sandboxes(self, snapshot_tag: str, n: int = 1, *, network: str = "user",
+                        memory_limit_mib: int | None = None, per_child_netns: bool = False, timeout: float = 120.0,
+                        return_exceptions: Literal[False] = False) -> list[Sandbox]: ...
+
+    @overload
+    def spawn_sandboxes(self, snapshot_tag: str, n: int = 1, *, network: str = "user",
+                        memory_limit_mib: int | None = None, per_child_netns: bool = False, timeout: float = 120.0,
+                        return_exceptions: Literal[True]) -> list[Sandbox | SpawnError[Sandbox]]: ...
+
+    @overload
+    def spawn_sandboxes(self, snapshot_tag: str, n: int = 1, *, network: str = "user",
+                        memory_limit_mib: int | None = None, per_child_netns: bool = False, timeout: float = 120.0,
+                        return_exceptions: bool) -> list[Sandbox] | list[Sandbox | SpawnError[Sandbox]]: ...
+
+    def spawn_sandboxes(self, snapshot_tag: str, n: int = 1, *, network: str = "user",
+                        memory_limit_mib: int | None = None, per_child_netns: bool = False, timeout: float = 120.0,
+                        return_exceptions: bool = False) -> list[Sandbox] | list[Sandbox | SpawnError[Sandbox]]:
+        """Fork ``n`` (1..1000) sandboxes from snapshot ``snapshot_tag``, in one request.
+
+        ``network`` is ``"user"`` (NAT to the outside) or ``"none"``; ``timeout`` the seconds allowed for
+        each child's restore. Each child succeeds or fails on its own: if any fails, :class:`SpawnError`
+        is raised with the ones that started in ``.sandboxes`` (still running: kill them or use them) and
+        ``(index, message)`` pairs in ``.errors``. With ``return_exceptions=True`` nothing is raised for
+        failed children: the list holds a ``SpawnError`` in place of each, in request order.
+        """
+        call = b.op_spawn(snapshot_tag, n, network, memory_limit_mib, per_child_netns, timeout)
+        results = b.spawn_results(self._request(call), lambda info: Sandbox(self, info))
+        return results if return_exceptions else b.spawn_or_raise(results)
+
+    def spawn_sandbox(self, snapshot_tag: str, *, network: str = "user", memory_limit_mib: int | None = None,
+                      per_child_netns: bool = False, timeout: float = 120.0) -> Sandbox:
+        """Fork one sandbox (see :meth:`spawn_sandboxes`); SpawnError if it failed to start."""
+        return self.spawn_sandboxes(snapshot_tag, 1, network=network, memory_limit_mib=memory_limit_mib,
+                                    per_child_netns=per_child_netns, timeout=timeout)[0]
+
+    def list_sandboxes(self) -> list[Sandbox]:
+        """Every sandbox the controller manages (running or exited)."""
+        return [Sandbox(self, info) for info in self._request(b.op_list_sandboxes())]
+
+    def get_sandbox(self, sandbox_id: str) -> Sandbox:
+        """The sandbox with that id; NotFoundError if there is none."""
+        return Sandbox(self, self._request(b.op_get_sandbox(sandbox_id)))
+
+
+class Sandbox(b.BaseSandbox):
+    """One sandbox: a microVM forked from a snapshot, with a warmed Python interpreter and a shell.
+
+    Use it as a context manager to kill it on exit. ``commands`` runs processes, ``files`` reaches
+    the guest's file system.
+    """
+
+    def __init__(self, controller: Controller, info: SandboxInfo) -> None:
+        super().__init__(info)
+        self._controller = controller
+        self.commands = Commands(self)
+        """Processes in the guest."""
+        self.files = Files(self)
+        """The guest's file system."""
+
+    @property
+    def controller(self) -> Controller:
+        return self._controller
+
+    def _request(self, call: b.Call[T]) -> T:
+        return self._controller._request(call)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc is None:
+            self.kill()
+            return
+        with contextlib.suppress(ForkdAPIError):  # the exception in flight matters more
+            self.kill()
+
+    def refresh(self) -> SandboxInfo:
+        """Fetch the sandbox's info again (``.info``), e.g. to see whether it is still running."""
+        self._info = self._request(b.op_get_sandbox(self.id))
+        return self._info
+
+    def kill(self) -> None:
+        """Kill the VM and remove its files. Idempotent: killing a sandbox that is gone is not an error."""
+        with contextlib.suppress(NotFoundError):
+            self._request(b.op_kill(self.id))
+
+    def ping(self) -> PingResult:
+        """Ask the guest agent for its versions and uptime."""
+        return self._request(b.op_ping(self.id))
+
+    def eval(self, expr: str, *, timeout: float = 60.0) -> Any:
+        """Evaluate a Python expression in the sandbox's interpreter (state shared with ``run_code``).
+
+        Returns the value as JSON (lists for tuples and arrays' ``.tolist()``, ...) when the guest could
+        serialize it, else its ``repr`` string. ``timeout`` is in seconds (GatewayTimeoutError after it).
+        Raises :class:`CodeError` if the expression raised.
+        """
+        return self.eval_result(expr, timeout=timeout).python_value()
+
+    def eval_result(self, expr: str, *, timeout: float = 60.0) -> EvalResult:
+        """Like :meth:`eval`, but the whole result: ``value``, ``repr`` and ``type``."""
+        return self._request(b.op_eval(self.id, expr, timeout))
+
+    def run_code(self, code: str, *, timeout: float = 60.0) -> Execution:
+        """Run Python statements (state persists between calls): stdout, stderr and the last expression.
+
+        ``timeout`` is in seconds. Raises :class:`CodeError` (with the traceback and the output so far)
+        if the code raised.
+        """
+        return self._request(b.op_run_code(self.id, code, timeout))
+
+
+class Commands:
+    """Processes in a sandbox (``sandbox.commands``)."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self._sandbox = sandbox
+
+    def run(self, cmd: str | Sequence[str], *, env: Mapping[str, str] | None = None, cwd: str | None = None,
+            stdin: str | bytes | None = None, timeout: float | None = 60.0, max_output: int = 1 << 20) -> CommandResult:
+        """Run a command and wait for it.
+
+        A ``str`` runs under ``/bin/sh -c``; a list is the program and its arguments (no shell). ``env``
+        is merged over the guest's environment; ``stdin`` is text (bytes must be UTF-8). After ``timeout``
+        seconds (``None``: no limit) the process group is killed and ``timed_out`` is set. ``max_output``
+        is the bytes kept per stream. A non-zero exit is a result, not an exception; a program that does
+        not exist is NotFoundError.
+        """
+        sb = self._sandbox
+        return sb._request(b.op_exec(sb.id, cmd, env, cwd, stdin, timeout, max_output))
+
+
+class Files:
+    """The file system of a sandbox (``sandbox.files``). Paths are absolute guest paths."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self._sandbox = sandbox
+
+    def read(self, path: str) -> bytes:
+        """The file's bytes; NotFoundError if it does not exist."""
+        sb = self._sandbox
+        return sb._request(b.op_read_file(sb.id, path))
+
+    def read_text(self, path: str, encoding: str = "utf-8") -> str:
+        """The file decoded as ``encoding``."""
+        return self.read(path).decode(encoding)
+
+    def write(self, path: str, data: bytes | bytearray | memoryview | str, *, mode: int = 0o644) -> int:
+        """Write ``data`` (a str is UTF-8 encoded) to ``path``, replacing it atomically; missing parent
+        directories are created. ``mode`` is the permission bits. Returns the bytes written."""
+        sb = self._sandbox
+        return sb._request(b.op_write_file(sb.id, path, data, mode))
+
+    def list(self, path: str) -> builtins.list[FileEntry]:
+        """The entries of a directory, sorted by name."""
+        sb = self._sandbox
+        return sb._request(b.op_list_files(sb.id, path))
+
+    def stat(self, path: str) -> FileEntry:
+        """One file's type, size, mode and mtime; NotFoundError if it does not exist."""
+        sb = self._sandbox
+        return sb._request(b.op_stat(sb.id, path))
+
+    def make_dir(self, path: str) -> None:
+        """Create a directory and its missing parents (no error if it exists)."""
+        sb = self._sandbox
+        sb._request(b.op_mkdir(sb.id, path))
+
+    def remove(self, path: str, *, recursive: bool = False) -> None:
+        """Remove a file, or a directory (which must be empty unless ``recursive``)."""
+        sb = self._sandbox
+        sb._request(b.op_remove(sb.id, path, recursive))
+
+    def exists(self, path: str) -> bool:
+        """Whether ``path`` exists. NotFoundError still means the *sandbox* is gone."""
+        sb = self._sandbox
+        try:
+            sb._request(b.op_stat(sb.id, path))
+        except NotFoundError:
+            # 404 is both "no such file" and "no such sandbox": tell them apart.
+            sb._request(b.op_get_sandbox(sb.id))
+            return False
+        return True

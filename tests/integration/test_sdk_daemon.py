@@ -1,0 +1,157 @@
+"""The Python SDK against a real forkd-controller process with real VMs behind it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+
+from forkd import (
+    AsyncController,
+    AuthenticationError,
+    CodeError,
+    Controller,
+    NotFoundError,
+    Sandbox,
+)
+
+from .conftest import Daemon
+
+pytestmark = pytest.mark.vm
+
+TIMEOUT = 300.0  # seconds: TCG on a slow shared machine
+
+
+@pytest.fixture(scope="module")
+def ctl(daemon: Daemon) -> Iterator[Controller]:
+    with Controller(daemon.url, daemon.token, timeout=TIMEOUT) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def sandbox(ctl: Controller, snapshot: str) -> Iterator[Sandbox]:
+    """One sandbox shared by the tests of the guest operations (they use distinct names and paths)."""
+    with ctl.spawn_sandbox(snapshot, timeout=TIMEOUT) as sb:
+        yield sb
+
+
+def test_service_and_snapshot(ctl: Controller, snapshot: str) -> None:
+    assert ctl.health() is True
+    v = ctl.version()
+    assert v.api == "v1" and v.accelerator in ("kvm", "tcg")
+    assert snapshot in [s.tag for s in ctl.list_snapshots()]
+    info = ctl.snapshot_info(snapshot)
+    assert info.tag == snapshot and info.memory_mib == 512
+    assert "forkd" in ctl.metrics()
+
+
+def test_spawn_two_with_context_managers_kills_them(ctl: Controller, snapshot: str) -> None:
+    sbs = ctl.spawn_sandboxes(snapshot, 2, timeout=TIMEOUT)
+    assert len(sbs) == 2 and len({s.id for s in sbs}) == 2
+    with sbs[0] as a, sbs[1] as b:
+        for sb in (a, b):
+            assert sb.snapshot_tag == snapshot and sb.info.running
+            assert sb.ping().numpy
+        live = {s.id for s in ctl.list_sandboxes()}
+        assert {a.id, b.id} <= live
+    live = {s.id for s in ctl.list_sandboxes()}
+    for sb in sbs:
+        assert sb.id not in live
+        with pytest.raises(NotFoundError):
+            sb.refresh()
+        sb.kill()  # idempotent
+
+
+def test_eval(sandbox: Sandbox) -> None:
+    assert sandbox.eval("numpy.zeros(5).tolist()") == [0.0] * 5
+    r = sandbox.eval_result("numpy.zeros(2)")
+    assert r.value is None and r.repr.startswith("array(") and r.type == "ndarray"
+    assert sandbox.eval("numpy.zeros(2)") == r.repr
+    assert sandbox.eval("None") is None
+
+
+def test_run_code_state_and_code_error(sandbox: Sandbox) -> None:
+    assert sandbox.run_code("sdk_counter = 41").repr is None
+    ex = sandbox.run_code("sdk_counter += 1\nprint('counted')\nsdk_counter")
+    assert ex.value == 42 and ex.repr == "42" and ex.stdout == "counted\n"
+    assert sandbox.eval("sdk_counter") == 42
+    with pytest.raises(CodeError) as ei:
+        sandbox.run_code("print('partial')\ndef f():\n    return 1 / 0\nf()", timeout=60)
+    e = ei.value
+    assert e.type == "ZeroDivisionError" and "division" in e.message
+    assert e.traceback is not None and "ZeroDivisionError" in e.traceback and "f()" in e.traceback
+    assert e.stdout == "partial\n"
+    with pytest.raises(CodeError, match="NameError"):
+        sandbox.eval("no_such_name_here")
+    assert sandbox.eval("sdk_counter") == 42  # the interpreter survived
+
+
+def test_commands(sandbox: Sandbox) -> None:
+    r = sandbox.commands.run("echo hello; echo oops >&2; exit 3")
+    assert (r.exit_code, r.stdout, r.stderr, r.timed_out, r.ok) == (3, "hello\n", "oops\n", False, False)
+    r = sandbox.commands.run(["uname", "-s"])
+    assert r.ok and r.stdout.strip() == "Linux"
+    r = sandbox.commands.run(["sh", "-c", 'printf "%s:%s:" "$SDK_VAR" "$(pwd)"; cat'], env={"SDK_VAR": "v"},
+                             cwd="/tmp", stdin="from stdin")
+    assert r.stdout == "v:/tmp:from stdin"
+    r = sandbox.commands.run("sleep 30", timeout=1)
+    assert r.timed_out and r.exit_code != 0
+    with pytest.raises(NotFoundError, match="FileNotFoundError"):
+        sandbox.commands.run(["/no/such/program"])
+
+
+def test_files_round_trip(sandbox: Sandbox) -> None:
+    data = bytes(range(256)) * 4
+    assert sandbox.files.write("/tmp/sdk/all-bytes.bin", data, mode=0o600) == len(data)
+    assert sandbox.files.read("/tmp/sdk/all-bytes.bin") == data
+    st = sandbox.files.stat("/tmp/sdk/all-bytes.bin")
+    assert st.is_file and st.size == len(data) and st.mode == 0o600 and st.name == "all-bytes.bin"
+    sandbox.files.write("/tmp/sdk/note.txt", "héllo\n")
+    assert sandbox.files.read_text("/tmp/sdk/note.txt") == "héllo\n"
+    assert [e.name for e in sandbox.files.list("/tmp/sdk")] == ["all-bytes.bin", "note.txt"]
+    sandbox.files.make_dir("/tmp/sdk/a/b")
+    assert sandbox.files.stat("/tmp/sdk/a/b").is_dir
+    assert sandbox.files.exists("/tmp/sdk/note.txt") and not sandbox.files.exists("/tmp/sdk/missing")
+    sandbox.files.remove("/tmp/sdk/note.txt")
+    assert not sandbox.files.exists("/tmp/sdk/note.txt")
+    sandbox.files.remove("/tmp/sdk", recursive=True)
+    assert not sandbox.files.exists("/tmp/sdk")
+    with pytest.raises(NotFoundError):
+        sandbox.files.read("/tmp/sdk/all-bytes.bin")
+
+
+def test_unknown_sandbox_is_not_found(ctl: Controller) -> None:
+    with pytest.raises(NotFoundError) as ei:
+        ctl.get_sandbox("sb-0000000000000000")
+    assert ei.value.status == 404 and "not found" in ei.value.message
+    with pytest.raises(NotFoundError):
+        ctl.snapshot_info("no-such-snapshot")
+
+
+def test_wrong_token_is_authentication_error(daemon: Daemon) -> None:
+    wrong = "wrong-token-" + "z" * 20
+    with Controller(daemon.url, wrong) as c:
+        assert c.health() is True
+        with pytest.raises(AuthenticationError) as ei:
+            c.list_sandboxes()
+    assert ei.value.status == 401
+    for text in (str(ei.value), repr(ei.value)):
+        assert wrong not in text and daemon.token not in text
+
+
+def test_async_spawn_eval_kill_concurrently(daemon: Daemon, snapshot: str) -> None:
+    async def main() -> list[object]:
+        async with AsyncController(daemon.url, daemon.token, timeout=TIMEOUT) as c:
+            sbs = await asyncio.gather(*(c.spawn_sandbox(snapshot, timeout=TIMEOUT) for _ in range(3)))
+            try:
+                assert len({s.id for s in sbs}) == 3
+                values = await asyncio.gather(*(sb.eval(f"{i} * 7 + numpy.zeros(3).sum()")
+                                                for i, sb in enumerate(sbs)))
+            finally:
+                await asyncio.gather(*(sb.kill() for sb in sbs))
+            live = {s.id for s in await c.list_sandboxes()}
+            assert not live & {s.id for s in sbs}
+            return values
+
+    assert asyncio.run(main()) == [0.0, 7.0, 14.0]
