@@ -9,6 +9,8 @@ from pathlib import Path
 from forkd.errors import ValidationError
 
 ACCELS = ("auto", "kvm", "tcg")
+# The CPU model under TCG ($FORKD_TCG_CPU overrides).
+TCG_CPU = "max"
 
 
 @dataclass(frozen=True)
@@ -72,8 +74,9 @@ def choose_accel(requested: str | None = None) -> AccelChoice:
         if not ok:
             raise ValidationError(f"accel=kvm was requested but KVM is not usable: {why}")
         return AccelChoice("kvm", f"forced; {why}", "host")
+    tcg_cpu = os.environ.get("FORKD_TCG_CPU") or TCG_CPU
     if req == "tcg":
-        return AccelChoice("tcg", "forced (TCG: software emulation)", "max")
+        return AccelChoice("tcg", "forced (TCG: software emulation)", tcg_cpu)
     if ok:
         return AccelChoice("kvm", why, "host")
-    return AccelChoice("tcg", f"{why}; using TCG (software emulation: correct, slower guest code)", "max")
+    return AccelChoice("tcg", f"{why}; using TCG (software emulation: correct, slower guest code)", tcg_cpu)

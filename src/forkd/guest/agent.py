@@ -21,6 +21,7 @@ import json
 import linecache
 import math
 import os
+import queue
 import random
 import re
 import selectors
@@ -522,13 +523,59 @@ def handle_line(t: Transport, line: bytes) -> None:
     t.send(reply)
 
 
+class Workers:
+    """Request threads started before the snapshot and kept waiting, so a freshly restored clone does
+    not create a thread (clone + stack mmap: cold kernel paths, costly under emulation) to answer its
+    first requests. When every worker is busy (long `exec`s), an extra one-off thread is started."""
+
+    def __init__(self, n: int = 4) -> None:
+        self.jobs: queue.SimpleQueue[tuple[Transport, bytes]] = queue.SimpleQueue()
+        self.idle = n
+        self.lock = threading.Lock()
+        for _ in range(n):
+            threading.Thread(target=self._run, name="forkd-request", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            t, line = self.jobs.get()
+            try:
+                handle_line(t, line)
+            finally:
+                with self.lock:
+                    self.idle += 1
+
+    def submit(self, t: Transport, line: bytes) -> None:
+        with self.lock:
+            if self.idle > 0:
+                self.idle -= 1
+                self.jobs.put((t, line))
+                return
+        threading.Thread(target=handle_line, args=(t, line), name="forkd-request-extra", daemon=True).start()
+
+
+WORKERS: Workers | None = None
+
+
 def _dispatch(t: Transport, line: bytes | None) -> None:
-    """Answer one line on its own thread; None means "too long". Blank lines are ignored."""
+    """Answer one line on a worker thread; None means "too long". Blank lines are ignored."""
+    global WORKERS
     if line is None:
         t.send({"id": None, "ok": False, "error": {
             "type": "BadRequest", "message": "request line longer than 64 MiB", "traceback": None}})
     elif line.strip():
-        threading.Thread(target=handle_line, args=(t, line), name="forkd-request", daemon=True).start()
+        if WORKERS is None:
+            WORKERS = Workers()
+        WORKERS.submit(t, line)
+
+
+def _drain() -> None:
+    """Wait until no request is in flight (stdio mode, at end of input)."""
+    while WORKERS is not None:
+        with WORKERS.lock:
+            busy = WORKERS.idle < 4 or not WORKERS.jobs.empty()
+        if not busy and not any(th.name == "forkd-request-extra" for th in threading.enumerate()):
+            return
+        time.sleep(0.01)
 
 
 def serve(t: Transport) -> None:
@@ -538,9 +585,7 @@ def serve(t: Transport) -> None:
         chunk = t.read()
         if not chunk:
             if t.stdio:
-                for th in threading.enumerate():  # let requests in flight answer
-                    if th.name == "forkd-request":
-                        th.join()
+                _drain()
                 return
             buf.clear()  # host not connected: drop any partial line, back off
             scan, skipping = 0, False
@@ -578,14 +623,21 @@ def _zombie_children() -> set[int]:
     return found
 
 
+CHILD_EXITED = threading.Event()
+
+
 def reaper() -> None:
     """PID-1 duty: reap orphaned zombies, never a child an `exec` is waiting for.
 
-    A zombie is reaped only once seen in two consecutive scans, so a child that user code (run_code)
-    waits for itself is not stolen in the moment between its exit and that wait.
+    Woken by SIGCHLD (an idle guest does no work at all: under emulation a periodic scan of /proc
+    would cost every clone CPU time for nothing). A zombie is reaped only once seen in two scans a
+    second apart, so a child that user code (run_code) waits for itself is not stolen in the moment
+    between its exit and that wait.
     """
     seen: set[int] = set()
     while True:
+        CHILD_EXITED.wait(None if not seen else 1.0)
+        CHILD_EXITED.clear()
         time.sleep(1.0)
         try:
             zombies = _zombie_children()
@@ -628,7 +680,10 @@ def main(argv: list[str]) -> None:
         fd = open_port()
         t = Transport(fd, fd, stdio=False)
     if os.getpid() == 1:
+        signal.signal(signal.SIGCHLD, lambda *_: CHILD_EXITED.set())
         threading.Thread(target=reaper, name="forkd-reaper", daemon=True).start()
+    global WORKERS
+    WORKERS = Workers()
     t.send({"event": "ready", "agent_version": AGENT_VERSION, "python": PYTHON,
             "numpy": getattr(numpy, "__version__", None), "pid": os.getpid()})
     serve(t)
