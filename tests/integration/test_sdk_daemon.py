@@ -107,6 +107,8 @@ def test_files_round_trip(sandbox: Sandbox) -> None:
     assert sandbox.files.read("/tmp/sdk/all-bytes.bin") == data
     st = sandbox.files.stat("/tmp/sdk/all-bytes.bin")
     assert st.is_file and st.size == len(data) and st.mode == 0o600 and st.name == "all-bytes.bin"
+    assert sandbox.files.write("/tmp/sdk/empty", b"") == 0 and sandbox.files.read("/tmp/sdk/empty") == b""
+    sandbox.files.remove("/tmp/sdk/empty")
     sandbox.files.write("/tmp/sdk/note.txt", "héllo\n")
     assert sandbox.files.read_text("/tmp/sdk/note.txt") == "héllo\n"
     assert [e.name for e in sandbox.files.list("/tmp/sdk")] == ["all-bytes.bin", "note.txt"]

@@ -208,6 +208,20 @@ def test_status_maps_to_exception(fake: FakeController, ctl: Controller, status:
         assert isinstance(e, InternalServerError)
 
 
+def test_exceptions_pickle_and_copy() -> None:
+    import copy
+    import pickle
+
+    errs: list[ForkdAPIError] = [
+        NotFoundError("gone", status=404, body={"error": "gone"}), APITimeoutError("slow"),
+        CodeError("ValueError", "bad", "Traceback...", stdout="o", stderr="e"),
+        SpawnError("1 of 2 failed", sandboxes=["a"], errors=[(1, "boom")]),
+    ]
+    for e in errs:
+        for e2 in (pickle.loads(pickle.dumps(e)), copy.copy(e)):
+            assert type(e2) is type(e) and str(e2) == str(e) and e2.__dict__ == e.__dict__
+
+
 def test_non_json_error_body(fake: FakeController, ctl: Controller) -> None:
     fake.fail = (502, "<html>bad gateway</html>")
     with pytest.raises(InternalServerError) as ei:
@@ -368,6 +382,40 @@ def test_unix_socket_missing_is_connection_error(tmp_path: Path) -> None:
         c.health()
 
 
+@pytest.fixture
+def tls_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """An HTTPS server on loopback whose certificate is signed by a fresh CA; yields (url, CA bundle path)."""
+    import ssl
+
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    ca_path = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_path))
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(ctx)
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield f"https://127.0.0.1:{srv.server_address[1]}", ca_path
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_tls_verify(tls_server: tuple[str, Path]) -> None:
+    url, ca_path = tls_server
+    with Controller(url, TOKEN, verify=str(ca_path)) as c:
+        assert c.health() is True
+    with Controller(url, TOKEN, verify=ca_path) as c:  # a PathLike works too
+        assert c.health() is True
+    with Controller(url, TOKEN, verify=False) as c:
+        assert c.health() is True
+    with Controller(url, TOKEN) as c, pytest.raises(APIConnectionError, match="CERTIFICATE_VERIFY_FAILED") as ei:
+        c.health()  # the system CAs do not know the test CA
+    assert TOKEN not in str(ei.value)
+
+
 # ---------------------------------------------------------------- spawn
 
 
@@ -489,10 +537,15 @@ def test_files(fake: FakeController, ctl: Controller) -> None:
     put = fake.requests[-1]
     assert put.method == "PUT" and put.url.params["path"] == "/tmp/a b.bin" and put.url.params["mode"] == "384"
     assert sb.files.read("/tmp/a b.bin") == data
+    big = os.urandom((3 << 20) + 5)  # sent in 1 MiB chunks, with a Content-Length (not chunked encoding)
+    assert sb.files.write("/tmp/big", big) == len(big) and fake.files["/tmp/big"] == big
+    assert fake.requests[-1].headers["content-length"] == str(len(big))
+    assert "transfer-encoding" not in fake.requests[-1].headers
+    assert sb.files.write("/tmp/empty", b"") == 0 and fake.files["/tmp/empty"] == b""
     assert sb.files.write("/tmp/t.txt", "héllo") == len("héllo".encode())
     assert sb.files.read_text("/tmp/t.txt") == "héllo"
     assert sb.files.stat("/tmp/t.txt") == FileEntry("t.txt", "/tmp/t.txt", "file", 6, 0o644, 1.0)
-    assert [e.name for e in sb.files.list("/tmp")] == ["a b.bin", "t.txt"]
+    assert [e.name for e in sb.files.list("/tmp")] == ["a b.bin", "big", "empty", "t.txt"]
     with pytest.raises(NotFoundError, match="FileNotFoundError"):
         sb.files.read("/nope")
     with pytest.raises(ValueError, match="path"):

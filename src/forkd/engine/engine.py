@@ -66,8 +66,10 @@ class Engine:
     # -- snapshots
     def create_snapshot(self, tag: str, *, memory_mib: int = 512, vcpus: int = 1, warm_code: str | None = None,
                         boot_timeout: float = 300.0, keep_workdir: bool = False,
-                        step: Callable[[str], None] | None = None, image: Any = None) -> Snapshot:
-        """Boot a parent from the guest image, warm it and save it as snapshot ``tag``."""
+                        step: Callable[[str], None] | None = None, image: Any = None,
+                        settle_max_s: float = 60.0) -> Snapshot:
+        """Boot a parent from the guest image, warm it, let it settle (at most ``settle_max_s`` seconds)
+        and save it as snapshot ``tag``."""
         from forkd.guest.image import require_image
 
         spec, reason = make_spec(memory_mib, vcpus, self._accel_request)
@@ -76,7 +78,8 @@ class Engine:
         img = image or require_image()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         return create_snapshot(self.store, tag, spec, reason, self.qemu, img, self.run_dir,
-                               warm_code=warm_code, boot_timeout=boot_timeout, keep_workdir=keep_workdir, step=step)
+                               warm_code=warm_code, boot_timeout=boot_timeout, keep_workdir=keep_workdir, step=step,
+                               settle_max_s=settle_max_s)
 
     def open_snapshot(self, tag: str) -> Snapshot:
         """Snapshot ``tag``, checked to be restorable on this host (files, hashes, QEMU, accelerator)."""

@@ -8,7 +8,7 @@ its response into a result. ``sync.py`` and ``aio.py`` only send calls (``httpx.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 from urllib.parse import quote
@@ -46,6 +46,8 @@ MARGIN = 30.0
 """Seconds added to an operation's own timeout to get its HTTP request timeout."""
 SNAPSHOT_MARGIN = 300.0
 """Seconds added to ``boot_timeout`` for the rest of a snapshot's creation (warming, saving memory)."""
+UPLOAD_CHUNK = 1 << 20
+"""Bytes per write of a request body (one big write is quadratic in httpcore's sync socket stream)."""
 MAX_CHILDREN = 1000
 NETWORKS = ("user", "none")
 Params = dict[str, str | int | float | bool]
@@ -70,8 +72,33 @@ class Call(Generic[T]):
     params: Params | None = None
     json: object = None
     content: bytes | None = None
+    """A raw request body, sent in chunks of UPLOAD_CHUNK bytes with a Content-Length header."""
     timeout: float | None | _UseDefault = DEFAULT
     """Request timeout in seconds (``None``: no limit)."""
+
+    @property
+    def headers(self) -> dict[str, str] | None:
+        return None if self.content is None else {"Content-Length": str(len(self.content)),
+                                                  "Content-Type": "application/octet-stream"}
+
+    def chunks(self) -> Iterator[bytes] | None:
+        """The body for httpx.Client (None without one)."""
+        if self.content is None:
+            return None
+        view = memoryview(self.content)
+        return (bytes(view[i:i + UPLOAD_CHUNK]) for i in range(0, len(view), UPLOAD_CHUNK))
+
+    def achunks(self) -> AsyncIterator[bytes] | None:
+        """The body for httpx.AsyncClient (None without one)."""
+        chunks = self.chunks()
+        if chunks is None:
+            return None
+
+        async def gen() -> AsyncIterator[bytes]:
+            for chunk in chunks:
+                yield chunk
+
+        return gen()
 
 
 # ---------------------------------------------------------------- errors and parsing

@@ -66,7 +66,8 @@ class AsyncController(b.BaseController):
     async def _request(self, call: b.Call[T]) -> T:
         try:
             resp = await self._client.request(call.method, call.path, params=call.params, json=call.json,
-                                              content=call.content, timeout=self._timeout_of(call))
+                                              content=call.achunks(), headers=call.headers,
+                                              timeout=self._timeout_of(call))
         except httpx.RequestError as e:
             raise self._failed(e, call) from e
         return self._finish(call, resp)
@@ -143,7 +144,8 @@ class AsyncController(b.BaseController):
         """Fork ``n`` (1..1000) sandboxes from snapshot ``snapshot_tag``, in one request.
 
         ``network`` is ``"user"`` (NAT to the outside) or ``"none"``; ``timeout`` the seconds allowed for
-        each child's restore. Each child succeeds or fails on its own: if any fails, :class:`SpawnError`
+        each child's restore (children restore a few at a time, so the request may take up to
+        ``n * timeout + 30`` seconds). Each child succeeds or fails on its own: if any fails, :class:`SpawnError`
         is raised with the ones that started in ``.sandboxes`` (still running: kill them or use them) and
         ``(index, message)`` pairs in ``.errors``. With ``return_exceptions=True`` nothing is raised for
         failed children: the list holds a ``SpawnError`` in place of each, in request order.
@@ -212,7 +214,8 @@ class AsyncSandbox(b.BaseSandbox):
 
     async def eval(self, expr: str, *, timeout: float = 60.0) -> Any:
         """Evaluate a Python expression: its JSON value if serializable, else its ``repr`` (see
-        :meth:`forkd.Sandbox.eval`). ``timeout`` in seconds. Raises :class:`CodeError` if it raised."""
+        :meth:`forkd.Sandbox.eval`). Raises :class:`CodeError` if it raised. ``timeout`` is in seconds:
+        after it, GatewayTimeoutError; the code keeps running and later calls wait for it."""
         return (await self.eval_result(expr, timeout=timeout)).python_value()
 
     async def eval_result(self, expr: str, *, timeout: float = 60.0) -> EvalResult:
@@ -222,8 +225,8 @@ class AsyncSandbox(b.BaseSandbox):
     async def run_code(self, code: str, *, timeout: float = 60.0) -> Execution:
         """Run Python statements (state persists between calls): stdout, stderr and the last expression.
 
-        ``timeout`` is in seconds. Raises :class:`CodeError` (with the traceback and the output so far)
-        if the code raised.
+        Raises :class:`CodeError` (with the traceback and the output so far) if the code raised.
+        ``timeout`` is in seconds, as for :meth:`eval` (GatewayTimeoutError; the code keeps running).
         """
         return await self._request(b.op_run_code(self.id, code, timeout))
 
@@ -263,7 +266,8 @@ class AsyncFiles:
 
     async def write(self, path: str, data: bytes | bytearray | memoryview | str, *, mode: int = 0o644) -> int:
         """Write ``data`` (a str is UTF-8 encoded) to ``path``, replacing it atomically; missing parent
-        directories are created. ``mode`` is the permission bits. Returns the bytes written."""
+        directories are created. ``mode`` is the permission bits. Returns the bytes written.
+        The controller accepts at most 256 MiB (PayloadTooLargeError)."""
         sb = self._sandbox
         return await sb._request(b.op_write_file(sb.id, path, data, mode))
 

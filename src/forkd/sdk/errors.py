@@ -37,6 +37,14 @@ __all__ = [
 ]
 
 SandboxT = TypeVar("SandboxT")
+E = TypeVar("E", bound=BaseException)
+
+
+def _rebuild(cls: type[E], args: tuple[object, ...], state: dict[str, object]) -> E:
+    exc = cls.__new__(cls)
+    exc.args = args
+    exc.__dict__.update(state)
+    return exc
 
 
 class ForkdAPIError(Exception):
@@ -56,6 +64,10 @@ class ForkdAPIError(Exception):
         self.message = message
         self.status = status
         self.body = body
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # keyword-only constructor arguments: rebuild from the attributes (pickling, copy.copy)
+        return (_rebuild, (type(self), self.args, self.__dict__.copy()))
 
 
 class APIStatusError(ForkdAPIError):

@@ -61,7 +61,8 @@ class Controller(b.BaseController):
     def _request(self, call: b.Call[T]) -> T:
         try:
             resp = self._client.request(call.method, call.path, params=call.params, json=call.json,
-                                        content=call.content, timeout=self._timeout_of(call))
+                                        content=call.chunks(), headers=call.headers,
+                                        timeout=self._timeout_of(call))
         except httpx.RequestError as e:
             raise self._failed(e, call) from e
         return self._finish(call, resp)
@@ -134,7 +135,8 @@ class Controller(b.BaseController):
         """Fork ``n`` (1..1000) sandboxes from snapshot ``snapshot_tag``, in one request.
 
         ``network`` is ``"user"`` (NAT to the outside) or ``"none"``; ``timeout`` the seconds allowed for
-        each child's restore. Each child succeeds or fails on its own: if any fails, :class:`SpawnError`
+        each child's restore (children restore a few at a time, so the request may take up to
+        ``n * timeout + 30`` seconds). Each child succeeds or fails on its own: if any fails, :class:`SpawnError`
         is raised with the ones that started in ``.sandboxes`` (still running: kill them or use them) and
         ``(index, message)`` pairs in ``.errors``. With ``return_exceptions=True`` nothing is raised for
         failed children: the list holds a ``SpawnError`` in place of each, in request order.
@@ -209,8 +211,10 @@ class Sandbox(b.BaseSandbox):
         """Evaluate a Python expression in the sandbox's interpreter (state shared with ``run_code``).
 
         Returns the value as JSON (lists for tuples and arrays' ``.tolist()``, ...) when the guest could
-        serialize it, else its ``repr`` string. ``timeout`` is in seconds (GatewayTimeoutError after it).
-        Raises :class:`CodeError` if the expression raised.
+        serialize it, else its ``repr`` string. Raises :class:`CodeError` if the expression raised.
+
+        ``timeout`` is in seconds: after it, GatewayTimeoutError. The code is not interrupted: it keeps
+        running in the guest, and later ``eval``/``run_code`` calls wait for it to finish.
         """
         return self.eval_result(expr, timeout=timeout).python_value()
 
@@ -221,8 +225,8 @@ class Sandbox(b.BaseSandbox):
     def run_code(self, code: str, *, timeout: float = 60.0) -> Execution:
         """Run Python statements (state persists between calls): stdout, stderr and the last expression.
 
-        ``timeout`` is in seconds. Raises :class:`CodeError` (with the traceback and the output so far)
-        if the code raised.
+        Raises :class:`CodeError` (with the traceback and the output so far) if the code raised.
+        ``timeout`` is in seconds, as for :meth:`eval` (GatewayTimeoutError; the code keeps running).
         """
         return self._request(b.op_run_code(self.id, code, timeout))
 
@@ -264,7 +268,8 @@ class Files:
 
     def write(self, path: str, data: bytes | bytearray | memoryview | str, *, mode: int = 0o644) -> int:
         """Write ``data`` (a str is UTF-8 encoded) to ``path``, replacing it atomically; missing parent
-        directories are created. ``mode`` is the permission bits. Returns the bytes written."""
+        directories are created. ``mode`` is the permission bits. Returns the bytes written.
+        The controller accepts at most 256 MiB (PayloadTooLargeError)."""
         sb = self._sandbox
         return sb._request(b.op_write_file(sb.id, path, data, mode))
 
