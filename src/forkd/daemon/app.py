@@ -157,8 +157,12 @@ def create_app(ctl: Controller, metrics: Metrics) -> FastAPI:
 
     @app.post("/v1/sandboxes/{sid}/exec", response_model=m.ExecResponse, responses=ERRORS, tags=["sandboxes"])
     def exec_(sid: SandboxId, req: m.ExecRequest) -> dict[str, Any]:
-        r = ctl.call(sid, lambda c: c.exec(req.argv, env=req.env, cwd=req.cwd, stdin=req.stdin,
-                                           timeout=req.timeout_s, max_output=req.max_output))
+        """Run a program (no shell). A program or cwd that does not exist is a 400, not a 404."""
+        try:
+            r = ctl.call(sid, lambda c: c.exec(req.argv, env=req.env, cwd=req.cwd, stdin=req.stdin,
+                                               timeout=req.timeout_s, max_output=req.max_output))
+        except AgentError as e:
+            raise ValidationError(f"exec {req.argv[0]!r}: {e.type}: {e.message}") from e
         return r.__dict__
 
     # -- files
@@ -172,6 +176,7 @@ def create_app(ctl: Controller, metrics: Metrics) -> FastAPI:
     async def write_file(sid: SandboxId, path: GuestPath, request: Request,
                          mode: Annotated[int, Query(ge=0, le=0o7777)] = 0o644) -> dict[str, int]:
         """Write the request body to ``path`` (replaced atomically)."""
+        await run_in_threadpool(ctl.running, sid)  # 404/409 before reading a large body
         body = bytearray()
         async for chunk in request.stream():
             body += chunk

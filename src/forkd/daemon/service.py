@@ -163,7 +163,7 @@ class Controller:
         if self.pool_size > 0 and network == "user":
             self.engine.start_pool(tag, self.pool_size)
         results = self.engine.spawn(tag, n, timeout=timeout_s, network=network)
-        out = []
+        out: list[dict[str, Any]] = []
         with self._lock:
             for r in results:
                 if r.child is None:

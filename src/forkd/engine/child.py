@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from forkd.engine.stats import smaps_rollup
 from forkd.engine.vm import VMProcess
+from forkd.errors import ForkdError
+
+# Bytes per file_write request: base64 keeps each request line far below the agent's 64 MiB limit.
+WRITE_CHUNK = 16 << 20
 
 
 @dataclass
@@ -90,10 +96,24 @@ class Child:
                 return bytes(out)
 
     def write_file(self, path: str, data: bytes | str, mode: int = 0o644, timeout: float = 60.0) -> int:
+        """Write a whole file (binary safe), replacing it atomically. Large files go in chunks to a
+        temporary name, renamed into place at the end. ``timeout`` is per chunk, in seconds."""
         raw = data.encode() if isinstance(data, str) else data
-        r = self.vm.channel.call("file_write", reply_timeout=timeout, path=path, mode=mode,
-                                 data_b64=base64.b64encode(raw).decode())
-        return int(r["bytes_written"])
+        if len(raw) <= WRITE_CHUNK:
+            r = self.vm.channel.call("file_write", reply_timeout=timeout, path=path, mode=mode,
+                                     data_b64=base64.b64encode(raw).decode())
+            return int(r["bytes_written"])
+        tmp = f"{path}.forkd-part-{secrets.token_hex(4)}"
+        try:
+            for off in range(0, len(raw), WRITE_CHUNK):
+                self.vm.channel.call("file_write", reply_timeout=timeout, path=tmp, mode=mode, append=off > 0,
+                                     data_b64=base64.b64encode(raw[off:off + WRITE_CHUNK]).decode())
+            self.vm.channel.call("file_rename", reply_timeout=timeout, path=tmp, dst=path)
+        except BaseException:
+            with contextlib.suppress(ForkdError):
+                self.vm.channel.call("file_remove", reply_timeout=timeout, path=tmp)
+            raise
+        return len(raw)
 
     def list_dir(self, path: str, timeout: float = 30.0) -> list[dict[str, Any]]:
         return list(self.vm.channel.call("file_list", reply_timeout=timeout, path=path)["entries"])

@@ -20,6 +20,7 @@ from forkd.engine.vm import VMProcess
 from forkd.errors import ForkdError
 
 log = logging.getLogger(__name__)
+REFILL_QUIET_S = 0.5  # seconds without a take before the pool refills
 
 
 class Pool:
@@ -37,6 +38,7 @@ class Pool:
         self._ready: deque[VMProcess] = deque()
         self._cond = threading.Condition()
         self._closed = False
+        self._last_take = 0.0
         self.started = 0
         self.failures = 0
         self.last_error: str | None = None
@@ -48,6 +50,7 @@ class Pool:
     def take(self) -> VMProcess | None:
         """A waiting QEMU, or None when none is ready (the caller then launches one cold)."""
         with self._cond:
+            self._last_take = time.monotonic()
             while self._ready:
                 vm = self._ready.popleft()
                 self._cond.notify_all()
@@ -104,8 +107,11 @@ class Pool:
         backoff = 0.1
         while True:
             with self._cond:
-                while not self._closed and len(self._ready) >= self.size:
-                    self._cond.wait(1.0)
+                # Refill only between bursts: starting QEMUs while a fan-out is being served would
+                # take CPU from the children being restored.
+                while not self._closed and (len(self._ready) >= self.size
+                                            or time.monotonic() - self._last_take < REFILL_QUIET_S):
+                    self._cond.wait(0.1)
                 if self._closed:
                     return
             vm = None

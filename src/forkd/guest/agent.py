@@ -376,6 +376,15 @@ def op_file_write(req: Request) -> dict[str, Any]:
     return {"bytes_written": len(data)}
 
 
+def op_file_rename(req: Request) -> dict[str, Any]:
+    """Rename `path` to `dst` atomically (os.replace), e.g. to publish a file written in chunks."""
+    src, dst = _path(req), _arg(req, "dst", str)
+    if not dst.startswith("/"):
+        raise BadRequest("field 'dst' must be an absolute path")
+    os.replace(src, dst)
+    return {}
+
+
 def op_file_list(req: Request) -> dict[str, Any]:
     """List a directory, sorted by name."""
     path, entries = _path(req), []
@@ -468,7 +477,7 @@ OPS: dict[str, Callable[[Request], dict[str, Any]]] = {
     "ping": op_ping, "eval": op_eval, "run_code": op_run_code, "exec": op_exec,
     "file_read": op_file_read, "file_write": op_file_write, "file_list": op_file_list,
     "file_stat": op_file_stat, "file_mkdir": op_file_mkdir, "file_remove": op_file_remove,
-    "fresh": op_fresh,
+    "file_rename": op_file_rename, "fresh": op_fresh,
 }
 
 
