@@ -11,6 +11,7 @@ from schemathesis.checks import not_a_server_error
 from .conftest import Daemon
 
 pytestmark = pytest.mark.vm
+schemathesis.experimental.OPEN_API_3_1.enable()  # FastAPI publishes OpenAPI 3.1
 
 
 @pytest.fixture(scope="module")

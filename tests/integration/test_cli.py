@@ -47,3 +47,35 @@ def test_snapshot_list_info_and_bad_tag(snapshot: str) -> None:
 def test_cleanup_json(snapshot: str) -> None:
     out = json.loads(forkd("cleanup", "--json").stdout)
     assert "removed" in out and "kept_live" in out
+
+
+def test_sandbox_commands_local(snapshot: str) -> None:
+    (row,) = json.loads(forkd("sandbox", "spawn", "--tag", snapshot, "--json").stdout)
+    sid = row["id"]
+    try:
+        assert any(r["id"] == sid and r["status"] == "running" for r in json.loads(
+            forkd("sandbox", "list", "--json").stdout))
+        forkd("sandbox", "run", sid, "x = 6")
+        assert forkd("sandbox", "eval", sid, "x * 7").stdout.strip() == "42"
+        p = forkd("sandbox", "exec", sid, "/bin/sh", "-c", "echo out; exit 3", check=False)
+        assert p.returncode == 3 and p.stdout == "out\n"
+    finally:
+        forkd("sandbox", "kill", sid)
+    assert not any(r["id"] == sid for r in json.loads(forkd("sandbox", "list", "--json").stdout)
+                   if r["status"] == "running")
+
+
+def test_sandbox_commands_through_the_daemon(daemon) -> None:  # type: ignore[no-untyped-def]
+    env = {"FORKD_URL": daemon.url, "FORKD_TOKEN": daemon.token}
+    os.environ.update(env)
+    try:
+        (row,) = json.loads(forkd("sandbox", "spawn", "--tag", "pyagent-test", "--json").stdout)
+        sid = row["id"]
+        assert forkd("sandbox", "eval", sid, "numpy.zeros(2).tolist()").stdout.strip() == "[0.0, 0.0]"
+        assert sid in forkd("sandbox", "list").stdout
+        forkd("sandbox", "kill", sid)
+        p = forkd("sandbox", "eval", sid, "1", check=False)
+        assert p.returncode == 1 and "not found" in p.stderr
+    finally:
+        for k in env:
+            os.environ.pop(k, None)

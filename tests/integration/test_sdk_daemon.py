@@ -10,6 +10,7 @@ import pytest
 from forkd import (
     AsyncController,
     AuthenticationError,
+    BadRequestError,
     CodeError,
     Controller,
     NotFoundError,
@@ -97,7 +98,7 @@ def test_commands(sandbox: Sandbox) -> None:
     assert r.stdout == "v:/tmp:from stdin"
     r = sandbox.commands.run("sleep 30", timeout=1)
     assert r.timed_out and r.exit_code != 0
-    with pytest.raises(NotFoundError, match="FileNotFoundError"):
+    with pytest.raises(BadRequestError, match="FileNotFoundError"):
         sandbox.commands.run(["/no/such/program"])
 
 

@@ -8,6 +8,7 @@ from forkd import __version__
 from forkd.cli.cleanup_cmd import cleanup
 from forkd.cli.fork_cmd import fork
 from forkd.cli.image_cmd import image
+from forkd.cli.sandbox_cmd import sandbox
 from forkd.cli.snapshot_cmd import snapshot
 
 
@@ -25,6 +26,7 @@ cli.add_command(image)
 cli.add_command(snapshot)
 cli.add_command(fork)
 cli.add_command(cleanup)
+cli.add_command(sandbox)
 
 
 def main() -> None:
