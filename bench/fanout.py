@@ -6,7 +6,9 @@ Measured side by side in one run, so ratios are meaningful on a noisy machine:
     creation the benchmark does itself);
   * ``pool``: N children activated from N QEMUs pre-started in ``-incoming defer`` (pool filled
     before the clock starts);
-  * ``cold``: N children each launched as a new QEMU process.
+  * ``cold``: N children each launched as a new QEMU process;
+  * ``single``: one fork at a time from a pool of one, repeated (the latency of "a fork" on an
+    otherwise idle machine).
 For each mode: wall time from the first spawn until all N answered, per-child latency (restore
 start -> eval answered) median / p90 / max, and PSS per child from /proc/PID/smaps_rollup with all
 N alive at once. Prints JSON. Headline: cold boot / median fork latency.
@@ -76,12 +78,34 @@ def run_mode(eng: Engine, tag: str, n: int, mode: str, concurrency: int | None) 
         eng.close_pools()
 
 
+def single_forks(eng: Engine, tag: str, reps: int) -> dict[str, Any]:
+    """One fork at a time (pool of 1, refilled between forks): restore start -> eval answered."""
+    eng.start_pool(tag, 1)
+    lat = []
+    try:
+        for _ in range(reps):
+            pool = eng.pool(tag)
+            assert pool is not None and pool.wait_full(timeout=300)
+            time.sleep(0.7)  # the refill is done and quiet
+            (r,) = eng.spawn(tag, 1, then=answer)
+            if r.child is not None:
+                if r.then == [0.0] * 5 and r.then_s is not None:
+                    lat.append(r.then_s * 1000)
+                r.child.kill()
+    finally:
+        eng.close_pools()
+    return {"mode": "single", "reps": reps, "ok": len(lat),
+            "latency_ms": {"median": round(statistics.median(lat), 1), "p90": round(pct(lat, 90), 1),
+                           "max": round(max(lat), 1)} if lat else None}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--modes", default="pool,cold")
     ap.add_argument("--concurrency", type=int, default=None)
     ap.add_argument("--memory-mib", type=int, default=512)
+    ap.add_argument("--single-reps", type=int, default=10, help="sequential single forks (0: skip)")
     args = ap.parse_args()
     eng = Engine()
     image = build_image()
@@ -91,6 +115,8 @@ def main() -> None:
     create_s = time.monotonic() - t
     try:
         modes = [run_mode(eng, tag, args.n, m.strip(), args.concurrency) for m in args.modes.split(",") if m]
+        if args.single_reps:
+            modes.append(single_forks(eng, tag, args.single_reps))
     finally:
         eng.delete_snapshot(tag)
     cold_boot_s = snap.meta.timings["boot_s"]
