@@ -254,3 +254,18 @@ def test_unix_socket(tmp_path: Path, engine) -> None:
     finally:
         proc.terminate()
         proc.wait(60)
+
+
+def test_oom_killed_sandbox_reports_it(daemon: Daemon, snapshot: str) -> None:
+    with daemon.client() as c:
+        r = c.post("/v1/sandboxes", json={"snapshot_tag": snapshot, "n": 2, "memory_limit_mib": 160})
+        assert r.status_code == 201, r.text
+        hog, other = (e["sandbox"]["id"] for e in r.json())
+        assert c.get(f"/v1/sandboxes/{hog}").json()["memory_limit_mib"] == 160
+        r = c.post(f"/v1/sandboxes/{hog}/run_code", json={"code": "x = bytearray(400 << 20)", "timeout_s": 300})
+        assert r.status_code == 409 and "OOM-killed" in r.json()["error"]
+        info = c.get(f"/v1/sandboxes/{hog}").json()
+        assert info["status"] == "exited" and "OOM-killed" in info["exit_reason"]
+        assert c.post(f"/v1/sandboxes/{other}/eval", json={"expr": "1"}).json()["value"] == 1
+        for s in (hog, other):
+            assert c.delete(f"/v1/sandboxes/{s}").status_code == 204

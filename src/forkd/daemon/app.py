@@ -123,8 +123,11 @@ def create_app(ctl: Controller, metrics: Metrics) -> FastAPI:
               tags=["sandboxes"])
     def create_sandboxes(req: m.CreateSandboxesRequest) -> list[dict[str, Any]]:
         """Fork ``n`` children; each entry is a sandbox or the error that stopped that child."""
+        for port in req.expose:
+            if not 1 <= port <= 65535:
+                raise ValidationError(f"expose: ports must be in 1..65535; got {port}")
         return ctl.spawn(req.snapshot_tag, req.n, req.network, req.memory_limit_mib, req.per_child_netns,
-                         req.timeout_s)
+                         req.timeout_s, tuple(req.expose))
 
     @app.get("/v1/sandboxes", response_model=list[m.SandboxInfo], responses=ERRORS, tags=["sandboxes"])
     def list_sandboxes() -> list[dict[str, Any]]:

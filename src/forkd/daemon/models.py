@@ -62,8 +62,10 @@ class CreateSandboxesRequest(Strict):
     snapshot_tag: str = Field(pattern=TAG_PATTERN)
     n: int = Field(1, ge=1, le=1000, description="Number of children.")
     memory_limit_mib: int | None = Field(None, ge=64, le=1 << 20, description="Memory limit per child, MiB.")
-    per_child_netns: bool = False
-    network: Literal["user", "none"] = "user"
+    per_child_netns: bool = Field(False, description="Run child i in network namespace forkd-child-<i>.")
+    network: Literal["user", "none"] = Field("user", description="user: own user-mode network; none: no network.")
+    expose: list[int] = Field(default_factory=list, max_length=16,
+                              description="Guest TCP ports to forward from host loopback ports (see `ports`).")
     timeout_s: float = Field(120.0, gt=0, le=3600, description="Seconds allowed for each child's restore.")
 
 
@@ -79,6 +81,7 @@ class SandboxInfo(BaseModel):
     network: str = "user"
     memory_limit_mib: int | None = None
     netns: str | None = None
+    ports: dict[str, int] = Field(default_factory=dict, description="Guest TCP port -> host loopback port.")
 
 
 class SpawnEntry(BaseModel):

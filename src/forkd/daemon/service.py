@@ -18,7 +18,7 @@ from forkd.daemon.state import StateFile
 from forkd.engine import Child, Engine
 from forkd.engine.cleanup import sweep
 from forkd.engine.vm import WorkDir, process_matches
-from forkd.errors import ChannelClosedError, ForkdError, SnapshotNotFoundError, ValidationError
+from forkd.errors import ChannelClosedError, ForkdError, SnapshotNotFoundError
 from forkd.paths import validate_child_id, validate_tag
 
 log = logging.getLogger("forkd.controller")
@@ -41,6 +41,7 @@ class Sandbox:
     ready_ms: float | None = None
     from_pool: bool = False
     created_at: float = field(default_factory=time.time)
+    ports: dict[str, int] = field(default_factory=dict)
 
     @property
     def id(self) -> str:
@@ -50,7 +51,7 @@ class Sandbox:
         return {"id": self.id, "snapshot_tag": self.child.snapshot, "pid": self.child.pid,
                 "workdir": str(self.child.vm.workdir.path), "created_at": self.created_at,
                 "network": self.network, "memory_limit_mib": self.memory_limit_mib, "netns": self.netns,
-                "ready_ms": self.ready_ms, "from_pool": self.from_pool}
+                "ready_ms": self.ready_ms, "from_pool": self.from_pool, "ports": self.ports}
 
     def info(self) -> dict[str, Any]:
         status = self.child.vm.exit_status()
@@ -64,6 +65,7 @@ class Controller:
         self.pool_size = pool_size
         self._sandboxes: dict[str, Sandbox] = {}
         self._lock = threading.RLock()
+        self._spawn_lock = threading.Lock()
         self.spawn_observer: Any = None  # callback(seconds) per restored child, for metrics
 
     # -- lifecycle
@@ -93,6 +95,7 @@ class Controller:
             self._sandboxes[sid] = Sandbox(
                 child=child, network=str(rec.get("network", "user")), memory_limit_mib=rec.get("memory_limit_mib"),
                 netns=rec.get("netns"), ready_ms=rec.get("ready_ms"), from_pool=bool(rec.get("from_pool")),
+                ports=dict(rec.get("ports") or {}),
                 created_at=float(rec.get("created_at", time.time())))
             adopted.append(sid)
         if self.engine.run_dir.is_dir():
@@ -153,16 +156,14 @@ class Controller:
 
     # -- sandboxes
     def spawn(self, tag: str, n: int, network: str, memory_limit_mib: int | None, per_child_netns: bool,
-              timeout_s: float) -> list[dict[str, Any]]:
-        if per_child_netns:
-            raise ValidationError("per_child_netns: per-child network namespaces are not available in this "
-                                  "version of forkd; leave it false (each child has its own user-mode network)")
-        if memory_limit_mib is not None:
-            raise ValidationError("memory_limit_mib: memory limits are not available in this version of forkd")
+              timeout_s: float, expose: tuple[int, ...] = ()) -> list[dict[str, Any]]:
         validate_tag(tag)
         if self.pool_size > 0 and network == "user":
             self.engine.start_pool(tag, self.pool_size)
-        results = self.engine.spawn(tag, n, timeout=timeout_s, network=network)
+        # netns numbers are picked from the live children, so spawns that use them go one at a time
+        with self._spawn_lock if per_child_netns else contextlib.nullcontext():
+            results = self.engine.spawn(tag, n, timeout=timeout_s, network=network, memory_limit_mib=memory_limit_mib,
+                                        per_child_netns=per_child_netns, expose=expose)
         out: list[dict[str, Any]] = []
         with self._lock:
             for r in results:
@@ -170,6 +171,7 @@ class Controller:
                     out.append({"index": r.index, "sandbox": None, "error": r.error})
                     continue
                 sb = Sandbox(child=r.child, network=network, memory_limit_mib=memory_limit_mib,
+                             netns=r.child.vm.meta.get("netns"), ports=dict(r.child.vm.meta.get("ports") or {}),
                              ready_ms=None if r.child.ready_s is None else round(r.child.ready_s * 1000, 2),
                              from_pool=r.child.from_pool)
                 self._sandboxes[sb.id] = sb

@@ -141,4 +141,6 @@ class Child:
                 "ready_ms": None if self.ready_s is None else round(self.ready_s * 1000, 2),
                 "from_pool": self.from_pool, "workdir": str(self.vm.workdir.path),
                 "clock_skew_ms": None if self.clock_skew_s is None else round(self.clock_skew_s * 1000, 1),
-                "alive": self.alive()}
+                "alive": self.alive(), "status": self.vm.exit_status() or "running",
+                "network": self.vm.meta.get("network"), "netns": self.vm.meta.get("netns"),
+                "memory_limit_mib": self.vm.meta.get("memory_limit_mib"), "ports": self.vm.meta.get("ports", {})}

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from forkd.engine import cgroup
 from forkd.engine.snapshot import SnapshotStore
 from forkd.engine.vm import META, WorkDir, process_matches
 
@@ -21,6 +22,21 @@ class CleanupReport:
 
     def to_json(self) -> dict[str, list[str]]:
         return {"removed": self.removed, "kept_live": self.kept_live}
+
+
+def sweep_cgroups(run_dir: Path, dry_run: bool = False) -> list[str]:
+    """Remove per-child memory cgroups whose child is gone (never a live child's)."""
+    removed = []
+    for cg in cgroup.leftovers():
+        meta = WorkDir(run_dir / cg.path.name).read_meta()
+        if meta and process_matches(int(meta.get("pid", 0)), str(meta.get("id", ""))):
+            continue
+        if (cg.path / "cgroup.procs").exists() and (cg.path / "cgroup.procs").read_text().strip():
+            continue  # some process (not one of ours in this run dir) is still in it
+        if not dry_run:
+            cg.remove(timeout=1)
+        removed.append(str(cg.path))
+    return removed
 
 
 def sweep(run_dir: Path, store: SnapshotStore | None = None, dry_run: bool = False) -> CleanupReport:
@@ -41,6 +57,7 @@ def sweep(run_dir: Path, store: SnapshotStore | None = None, dry_run: bool = Fal
             if not dry_run:
                 shutil.rmtree(d, ignore_errors=True)
             rep.removed.append(str(d))
+    rep.removed += sweep_cgroups(run_dir, dry_run)
     if store is not None:
         if dry_run:
             rep.removed += [str(p) for p in store.root.glob(".staging-*")]

@@ -21,12 +21,14 @@ from forkd.engine.pool import Pool
 from forkd.engine.qemu import QemuBinary, qemu_binary
 from forkd.engine.restore import NETWORKS, finish_restore, launch_child, send_state
 from forkd.engine.snapshot import Snapshot, SnapshotStore, host_cpu_model, make_spec
-from forkd.engine.vm import VMProcess
+from forkd.engine.vm import VMProcess, WorkDir, process_matches
 from forkd.errors import ForkdError, ValidationError
 from forkd.paths import run_dir as default_run_dir
 
 log = logging.getLogger(__name__)
 MAX_CHILDREN = 1000
+MIN_LIMIT_MIB = 64
+NETNS_PREFIX = "forkd-child-"
 
 
 @dataclass
@@ -123,27 +125,39 @@ class Engine:
 
     # -- children
     def spawn(self, tag: str, n: int = 1, *, concurrency: int | None = None, timeout: float = 120.0,
-              network: str = "user", use_pool: bool = True,
+              network: str = "user", use_pool: bool = True, memory_limit_mib: int | None = None,
+              per_child_netns: bool = False, expose: tuple[int, ...] = (),
               then: Callable[[Child], Any] | None = None) -> list[SpawnResult]:
         """Start ``n`` children of snapshot ``tag``; each succeeds or fails on its own.
 
         ``timeout`` (seconds) bounds each child's restore; ``concurrency`` is how many restore at once
         (default: the number of CPUs); ``then(child)`` runs in the same worker as soon as that child
         is up (e.g. its first command), and its result lands in ``SpawnResult.then``.
+        ``memory_limit_mib`` caps each child (cgroup); ``per_child_netns`` runs child i in network
+        namespace ``forkd-child-<i>`` (the lowest numbers no live child uses); ``expose`` forwards
+        guest TCP ports from host loopback ports.
         """
         if not isinstance(n, int) or not 1 <= n <= MAX_CHILDREN:
             raise ValidationError(f"n must be an integer in 1..{MAX_CHILDREN}; got {n!r}")
         if network not in NETWORKS:
             raise ValidationError(f"network must be one of {', '.join(NETWORKS)}; got {network!r}")
+        if memory_limit_mib is not None and (not isinstance(memory_limit_mib, int) or memory_limit_mib < MIN_LIMIT_MIB):
+            raise ValidationError(f"memory_limit_mib must be an integer >= {MIN_LIMIT_MIB}; got {memory_limit_mib!r}")
+        for port in expose:
+            if not isinstance(port, int) or not 1 <= port <= 65535:
+                raise ValidationError(f"expose: ports must be integers in 1..65535; got {port!r}")
         snap = self.open_snapshot(tag)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        pool = self.pool(tag) if use_pool and network == "user" else None
+        plain = network == "user" and memory_limit_mib is None and not per_child_netns and not expose
+        pool = self.pool(tag) if use_pool and plain else None
+        netns = self._free_netns(n) if per_child_netns else [None] * n
         workers = max(1, min(n, concurrency or os.cpu_count() or 2))
 
         def one(i: int) -> SpawnResult:
             t0 = time.monotonic()
             try:
-                res = SpawnResult(i, child=self._restore_one(snap, pool, timeout, network))
+                res = SpawnResult(i, child=self._restore_one(snap, pool, timeout, network, memory_limit_mib,
+                                                             netns[i], tuple(expose)))
             except ForkdError as e:
                 return SpawnResult(i, error=str(e))
             except OSError as e:
@@ -159,14 +173,34 @@ class Engine:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="spawn") as ex:
             return list(ex.map(one, range(n)))
 
-    def _restore_one(self, snap: Snapshot, pool: Pool | None, timeout: float, network: str) -> Child:
+    def _free_netns(self, n: int) -> list[str | None]:
+        """``forkd-child-<i>`` names for ``n`` children: the lowest numbers no live child is using."""
+        used = set()
+        if self.run_dir.is_dir():
+            for d in self.run_dir.iterdir():
+                meta = WorkDir(d).read_meta() if d.is_dir() else None
+                if meta and meta.get("netns") and process_matches(int(meta.get("pid", 0)), str(meta.get("id"))):
+                    used.add(str(meta["netns"]))
+        out: list[str | None] = []
+        i = 1
+        while len(out) < n:
+            name = f"{NETNS_PREFIX}{i}"
+            if name not in used:
+                out.append(name)
+            i += 1
+        return out
+
+    def _restore_one(self, snap: Snapshot, pool: Pool | None, timeout: float, network: str,
+                     memory_limit_mib: int | None = None, netns: str | None = None,
+                     expose: tuple[int, ...] = ()) -> Child:
         vm: VMProcess | None = pool.take() if pool is not None else None
         t0 = time.monotonic()
         try:
             if vm is not None:
                 send_state(vm, snap)
                 return finish_restore(vm, snap, t0, timeout, from_pool=True)
-            vm = launch_child(snap, self.qemu, self.run_dir, network=network)
+            vm = launch_child(snap, self.qemu, self.run_dir, network=network, memory_limit_mib=memory_limit_mib,
+                              netns=netns, expose=expose)
             return finish_restore(vm, snap, t0, timeout)
         except BaseException:
             if vm is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import os
 import secrets
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -34,16 +35,29 @@ def new_child_id() -> str:
     return "sb-" + secrets.token_hex(8)
 
 
-def netdev_for(network: str) -> str:
-    """QEMU -netdev for a child: its own user-mode stack, or one that reaches nothing (``none``)."""
-    if network == "none":
-        return "user,id=net0,restrict=on"
-    return "user,id=net0"
+def netdev_for(network: str, ports: dict[int, int] | None = None) -> str:
+    """QEMU -netdev for a child: its own user-mode stack, or one that reaches nothing (``none``);
+    ``ports`` maps guest TCP ports to host loopback ports forwarded to them."""
+    nd = "user,id=net0,restrict=on" if network == "none" else "user,id=net0"
+    for guest, host in sorted((ports or {}).items()):
+        nd += f",hostfwd=tcp:127.0.0.1:{int(host)}-:{int(guest)}"
+    return nd
+
+
+def free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def launch_child(snap: Snapshot, qemu: QemuBinary, run_dir: Path, *, child_id: str | None = None,
-                 network: str = "user", preload: bool = True, meta: dict[str, Any] | None = None) -> VMProcess:
-    """Start a child QEMU waiting for its state (``preload=False``: a pool member) or loading it now."""
+                 network: str = "user", preload: bool = True, meta: dict[str, Any] | None = None,
+                 memory_limit_mib: int | None = None, netns: str | None = None,
+                 expose: tuple[int, ...] = ()) -> VMProcess:
+    """Start a child QEMU waiting for its state (``preload=False``: a pool member) or loading it now.
+
+    ``expose`` lists guest TCP ports to forward from free host loopback ports (in the child's network
+    namespace when it has one); the mapping is recorded in ``vm.meta["ports"]``."""
     child_id = child_id or new_child_id()
     ahead: list[tuple[str, dict[str, Any] | None]] = [("migrate-set-capabilities", CAPS), ANNOUNCE_OFF]
     pass_fds: tuple[int, ...] = ()
@@ -52,11 +66,14 @@ def launch_child(snap: Snapshot, qemu: QemuBinary, run_dir: Path, *, child_id: s
         fd = os.open(snap.vmstate, os.O_RDONLY | os.O_CLOEXEC)
         pass_fds = (fd,)
         ahead.append(("migrate-incoming", {"uri": f"fd:{fd}"}))
+    ports = {g: free_loopback_port() for g in expose} if netns is None else {g: 20000 + g % 40000 for g in expose}
     try:
         vm, _ = VMProcess.launch(
             child_id, run_dir / child_id, qemu, snap.meta.spec, snap.memory, share=False, incoming=True,
-            netdev=netdev_for(network), pass_fds=pass_fds, qmp_ahead=ahead,
-            meta={"role": "child", "snapshot": snap.tag, "network": network, **(meta or {})})
+            netdev=netdev_for(network, ports), pass_fds=pass_fds, qmp_ahead=ahead,
+            memory_limit_mib=memory_limit_mib, netns=netns,
+            meta={"role": "child", "snapshot": snap.tag, "network": network,
+                  "ports": {str(g): h for g, h in ports.items()}, **(meta or {})})
     finally:
         if fd >= 0:
             os.close(fd)

@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from forkd.engine import cgroup
 from forkd.engine.channel import AgentChannel
 from forkd.engine.qemu import HostSide, MachineSpec, QemuBinary, build_argv
 from forkd.engine.qmp import QMPClient
-from forkd.errors import VMError
+from forkd.errors import ValidationError, VMError
 from forkd.fsutil import atomic_write_json, tail
 
 META = "vm.json"
@@ -104,6 +105,22 @@ def disable_thp_for_children() -> bool:
         return False
 
 
+NETNS_DIR = Path("/var/run/netns")
+
+
+def netns_prefix(netns: str | None) -> list[str]:
+    """The command prefix that runs QEMU inside network namespace ``netns`` (checked to exist)."""
+    if netns is None:
+        return []
+    if not (NETNS_DIR / netns).exists():
+        raise ValidationError(f"network namespace {netns} does not exist; create the child namespaces "
+                              "with: scripts/netns-setup.sh N")
+    ip = shutil.which("ip")
+    if ip is None:
+        raise ValidationError("per-child network namespaces need iproute2's ip: apt-get install -y iproute2")
+    return [ip, "netns", "exec", netns]
+
+
 def _listen(path: Path) -> socket.socket:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
@@ -139,15 +156,23 @@ class VMProcess:
     channel: AgentChannel
     popen: subprocess.Popen[bytes] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    cgroup: cgroup.Cgroup | None = None
 
     @classmethod
     def launch(cls, vm_id: str, workdir: Path, qemu: QemuBinary, spec: MachineSpec, memory_path: Path, *,
                share: bool, boot: tuple[Path, Path, str] | None = None, incoming: bool = False,
                netdev: str = "user,id=net0", pass_fds: tuple[int, ...] = (),
                qmp_ahead: list[tuple[str, dict[str, Any] | None]] = (),  # type: ignore[assignment]
-               meta: dict[str, Any] | None = None) -> tuple[VMProcess, list[int]]:
-        """Start QEMU. Commands in ``qmp_ahead`` are written before it starts; their ids are returned."""
+               meta: dict[str, Any] | None = None, memory_limit_mib: int | None = None,
+               netns: str | None = None) -> tuple[VMProcess, list[int]]:
+        """Start QEMU. Commands in ``qmp_ahead`` are written before it starts; their ids are returned.
+
+        ``memory_limit_mib`` puts the process in a memory cgroup of its own; ``netns`` runs it inside
+        that network namespace (its user-mode network then reaches out from there).
+        """
         disable_thp_for_children()
+        prefix = netns_prefix(netns)
+        cg = cgroup.create(vm_id, memory_limit_mib) if memory_limit_mib is not None else None
         wd = WorkDir(workdir)
         wd.path.mkdir(mode=0o700, parents=True, exist_ok=False)
         agent_l, qmp_l = _listen(wd.agent_sock), _listen(wd.qmp_sock)
@@ -158,7 +183,7 @@ class VMProcess:
             ids = [qmp.send("qmp_capabilities")] + [qmp.send(c, a) for c, a in qmp_ahead]
             host = HostSide(name=vm_name(vm_id), agent_fd=agent_l.fileno(), qmp_fd=qmp_l.fileno(),
                             console_path=wd.console, netdev=netdev)
-            argv = build_argv(qemu, spec, host, memory_path, share=share, boot=boot, incoming=incoming)
+            argv = prefix + build_argv(qemu, spec, host, memory_path, share=share, boot=boot, incoming=incoming)
             with open(wd.qemu_log, "wb") as log:
                 popen = subprocess.Popen(
                     argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -169,14 +194,23 @@ class VMProcess:
             for s in (agent_c, qmp_c):
                 if s is not None:
                     s.close()
+            if cg is not None:
+                cg.remove(timeout=0)
             raise
         finally:
             agent_l.close()
             qmp_l.close()
         vm_meta = {"id": vm_id, "pid": popen.pid, "name": vm_name(vm_id), "started_at": time.time(),
-                   **(meta or {})}
+                   "memory_limit_mib": memory_limit_mib, "netns": netns, **(meta or {})}
         vm = cls(vm_id=vm_id, workdir=wd, pid=popen.pid, qmp=qmp, channel=None,  # type: ignore[arg-type]
-                 popen=popen, meta=vm_meta)
+                 popen=popen, meta=vm_meta, cgroup=cg)
+        if cg is not None:
+            try:
+                cgroup.attach(cg, popen.pid)
+            except OSError as e:
+                vm.channel = AgentChannel(agent_c, vm_name(vm_id))
+                vm.kill()
+                raise VMError(f"cannot put VM {vm_id} in its memory cgroup {cg.path}: {e}") from e
         vm.channel = AgentChannel(agent_c, vm_name(vm_id), vm.describe_exit)
         atomic_write_json(wd.meta, vm_meta, mode=0o600)
         return vm, ids[1:]
@@ -193,7 +227,8 @@ class VMProcess:
             raise VMError(f"VM {vm_id}: process {pid} is gone or is not this VM")
         qmp = QMPClient(_connect(wd.qmp_sock, 5), vm_name(vm_id))
         qmp.execute("qmp_capabilities", timeout=10)
-        vm = cls(vm_id=vm_id, workdir=wd, pid=pid, qmp=qmp, channel=None, meta=meta)  # type: ignore[arg-type]
+        vm = cls(vm_id=vm_id, workdir=wd, pid=pid, qmp=qmp, channel=None, meta=meta,  # type: ignore[arg-type]
+                 cgroup=cgroup.find(vm_id))
         vm.channel = AgentChannel(_connect(wd.agent_sock, 5), vm_name(vm_id), vm.describe_exit)
         return vm
 
@@ -203,13 +238,20 @@ class VMProcess:
         return process_matches(self.pid, self.vm_id)
 
     def exit_status(self) -> str | None:
-        """How the process ended ("exit status 1", "killed by signal 9"), or None while it runs."""
+        """How the process ended ("exit status 1", "killed by signal 9", "OOM-killed ..."), or None
+        while it runs."""
         if self.popen is not None:
             rc = self.popen.poll()
             if rc is None:
                 return None
-            return f"killed by signal {-rc}" if rc < 0 else f"exit status {rc}"
-        return None if process_matches(self.pid, self.vm_id) else "process gone"
+            status = f"killed by signal {-rc}" if rc < 0 else f"exit status {rc}"
+        elif process_matches(self.pid, self.vm_id):
+            return None
+        else:
+            status = "process gone"
+        if self.cgroup is not None and self.cgroup.oom_killed():
+            return f"OOM-killed: over its memory limit of {self.meta.get('memory_limit_mib')} MiB ({status})"
+        return status
 
     def describe_exit(self) -> str:
         # the channel may notice EOF a moment before the process is reaped
@@ -238,6 +280,8 @@ class VMProcess:
             _wait_gone(self.pid, self.vm_id, 10)
         self.channel.close()
         self.qmp.close()
+        if self.cgroup is not None and not self.alive():
+            self.cgroup.remove()
         if remove_workdir:
             shutil.rmtree(self.workdir.path, ignore_errors=True)
 
