@@ -79,3 +79,15 @@ def test_sandbox_commands_through_the_daemon(daemon) -> None:  # type: ignore[no
     finally:
         for k in env:
             os.environ.pop(k, None)
+
+
+def test_bench_local_and_daemon(snapshot: str, daemon) -> None:  # type: ignore[no-untyped-def]
+    out = json.loads(forkd("bench", "--tag", snapshot, "-n", "2", "--json").stdout)
+    assert [s["step"].split()[0] for s in out["steps"]] == ["spawn", "exec", "eval", "fan-out", "cleanup"]
+    assert out["steps"][3]["detail"] == "2/2 up"
+    os.environ["FORKD_TOKEN"] = daemon.token
+    try:
+        out = json.loads(forkd("bench", "--tag", snapshot, "-n", "2", "--url", daemon.url, "--json").stdout)
+    finally:
+        os.environ.pop("FORKD_TOKEN", None)
+    assert out["target"] == daemon.url and out["steps"][-1]["detail"] == "3 killed"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from forkd import __version__
+from forkd.cli.bench_cmd import bench
 from forkd.cli.cleanup_cmd import cleanup
 from forkd.cli.fork_cmd import fork
 from forkd.cli.image_cmd import image
@@ -26,6 +27,7 @@ cli.add_command(image)
 cli.add_command(snapshot)
 cli.add_command(fork)
 cli.add_command(cleanup)
+cli.add_command(bench)
 cli.add_command(sandbox)
 
 
