@@ -31,8 +31,16 @@ class SnapshotExistsError(ForkdError):
     """A snapshot with that tag already exists."""
 
 
+class DependentsError(ForkdError):
+    """The snapshot has dependent snapshots (branches of it) and neither cascade nor force was given."""
+
+
 class SnapshotInvalidError(ForkdError):
     """A snapshot's files are missing, corrupt, or do not match this host or QEMU."""
+
+
+class PackError(ForkdError):
+    """A snapshot pack (``.tar.zst``) could not be written, or is corrupt, truncated or unsafe to unpack."""
 
 
 class BootTimeoutError(ForkdError):

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import logging
 import os
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from forkd.engine.snapshot import Snapshot, SnapshotStore, host_cpu_model, make_
 from forkd.engine.vm import VMProcess, WorkDir, process_matches
 from forkd.errors import ForkdError, ValidationError
 from forkd.paths import run_dir as default_run_dir
+from forkd.paths import validate_tag
 
 log = logging.getLogger(__name__)
 MAX_CHILDREN = 1000
@@ -89,12 +91,38 @@ class Engine:
         snap.check_restorable(self.qemu, self.accel.name, self.host_cpu)
         return snap
 
-    def delete_snapshot(self, tag: str) -> None:
+    def delete_snapshot(self, tag: str, *, cascade: bool = False, force: bool = False) -> list[str]:
+        """Delete ``tag`` (see ``chain.delete`` for the rules with dependents); returns the tags deleted."""
+        from forkd.engine import chain
+
+        if cascade and force:
+            raise ValidationError("cascade and force cannot be used together")
+        victims = chain.subtree(self.store, tag) if cascade else [tag]
         with self._lock:
-            pool = self._pools.pop(tag, None)
-        if pool is not None:
+            pools = [self._pools.pop(t) for t in victims if t in self._pools]
+        for pool in pools:
             pool.close()
-        self.store.delete(tag)
+        return chain.delete(self.store, tag, cascade=cascade, force=force)
+
+    def branch(self, child: Child, tag: str | None = None, mode: str = "auto") -> Any:
+        """Snapshot the running ``child`` as ``tag`` (generated when None); it keeps running.
+        Returns a ``BranchResult`` (snapshot, mode chosen, pause in ms, bytes written)."""
+        from forkd.engine.branch import branch
+
+        tag = validate_tag(tag) if tag is not None else f"br-{child.id[3:]}-{secrets.token_hex(4)}"
+        source = self.store.open(child.snapshot)
+        return branch(self.store, child, source, tag, mode)
+
+    def compact(self, tag: str, to: str) -> Snapshot:
+        """Write ``to``: a flat, parentless copy of snapshot ``tag``."""
+        from forkd.engine import chain
+
+        return chain.compact(self.store, validate_tag(tag), validate_tag(to, "to"))
+
+    def chain_info(self, tag: str) -> dict[str, Any]:
+        from forkd.engine import chain
+
+        return chain.info(self.store, validate_tag(tag))
 
     # -- pools
     def start_pool(self, tag: str, size: int, network: str = "user") -> Pool:
@@ -149,7 +177,7 @@ class Engine:
         snap = self.open_snapshot(tag)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         plain = network == "user" and memory_limit_mib is None and not per_child_netns and not expose
-        pool = self.pool(tag) if use_pool and plain else None
+        pool = self.pool(snap.memory_owner) if use_pool and plain else None
         netns = self._free_netns(n) if per_child_netns else [None] * n
         workers = max(1, min(n, concurrency or os.cpu_count() or 2))
 

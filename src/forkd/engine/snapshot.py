@@ -56,6 +56,10 @@ class SnapshotMeta:
     parent: str | None = None
     forkd_version: str = __version__
     format: int = FORMAT
+    kind: str = "root"  # root | flat | delta
+    memory_source: str | None = None  # delta: the snapshot whose memory.bin its children map
+    depends_sha256: str | None = None  # delta: sha256 of that memory.bin
+    branch: dict[str, Any] = field(default_factory=dict)  # how a branch was made (pause, dirty bytes, ...)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -63,6 +67,8 @@ class SnapshotMeta:
             "forkd_version": self.forkd_version, "machine": self.spec.to_json(), "qemu": self.qemu,
             "accel_reason": self.accel_reason, "host_cpu": self.host_cpu, "image": self.image,
             "guest": self.guest, "files": self.files, "timings": self.timings, "parent": self.parent,
+            "kind": self.kind, "memory_source": self.memory_source, "depends_sha256": self.depends_sha256,
+            "branch": self.branch,
         }
 
     @classmethod
@@ -75,15 +81,19 @@ class SnapshotMeta:
             host_cpu=str(d.get("host_cpu", "")), image=dict(d.get("image", {})), guest=dict(d.get("guest", {})),
             files={k: dict(v) for k, v in d["files"].items()}, timings=dict(d.get("timings", {})),
             parent=d.get("parent"), forkd_version=str(d.get("forkd_version", "")), format=int(d["format"]),
+            kind=str(d.get("kind", "root")), memory_source=d.get("memory_source"),
+            depends_sha256=d.get("depends_sha256"), branch=dict(d.get("branch") or {}),
         )
 
 
 @dataclass
 class Snapshot:
-    """A snapshot directory and its metadata."""
+    """A snapshot directory and its metadata. ``memory`` is the RAM file its children map: its own
+    ``memory.bin``, or (a delta branch) that of the snapshot it depends on."""
 
     path: Path
     meta: SnapshotMeta
+    memory_file: Path | None = None
 
     @property
     def tag(self) -> str:
@@ -91,7 +101,12 @@ class Snapshot:
 
     @property
     def memory(self) -> Path:
-        return self.path / MEMORY_NAME
+        return self.memory_file or self.path / MEMORY_NAME
+
+    @property
+    def memory_owner(self) -> str:
+        """Tag of the snapshot whose memory.bin this one's children map."""
+        return self.meta.memory_source or self.tag
 
     @property
     def vmstate(self) -> Path:
@@ -99,7 +114,8 @@ class Snapshot:
 
     def summary(self) -> dict[str, Any]:
         """A JSON-friendly description (what ``forkd snapshot info`` prints)."""
-        mem_alloc = allocated_bytes(self.memory) if self.memory.exists() else 0
+        own = self.path / MEMORY_NAME
+        mem_alloc = allocated_bytes(own) if own.exists() else 0
         return {
             "tag": self.tag, "path": str(self.path), "created_at": self.meta.created_at,
             "memory_mib": self.meta.spec.memory_mib, "vcpus": self.meta.spec.vcpus,
@@ -126,8 +142,9 @@ class Snapshot:
         self.check_files()
 
     def check_files(self) -> None:
-        """Every file present with its recorded size; vmstate and memory.bin match their sha256."""
-        for name in (VMSTATE_NAME, MEMORY_NAME):
+        """Every file present with its recorded size and sha256; a delta's memory source too."""
+        names = [VMSTATE_NAME] + ([] if self.meta.kind == "delta" else [MEMORY_NAME])
+        for name in names:
             rec = self.meta.files.get(name)
             p = self.path / name
             if rec is None:
@@ -140,8 +157,13 @@ class Snapshot:
                 raise SnapshotInvalidError(
                     f"snapshot {self.tag}: {name} is {size} bytes, {META_NAME} records {rec['size']} "
                     "(truncated or replaced)")
-        for name in (VMSTATE_NAME, MEMORY_NAME):
+        for name in names:
             verify_sha256(self.path / name, self.meta.files[name]["sha256"], f"snapshot {self.tag}")
+        if self.meta.kind == "delta":
+            if not self.meta.depends_sha256 or self.memory_file is None:
+                raise SnapshotInvalidError(f"snapshot {self.tag}: {META_NAME} records no memory source")
+            verify_sha256(self.memory_file, self.meta.depends_sha256,
+                          f"snapshot {self.tag} depends on {self.meta.memory_source}'s memory.bin, which")
 
 
 def host_cpu_model() -> str:
@@ -197,7 +219,15 @@ class SnapshotStore:
             raise SnapshotInvalidError(f"snapshot {tag}: {META_NAME} is corrupt: {e}") from e
         if meta.tag != tag:
             raise SnapshotInvalidError(f"snapshot {tag}: {META_NAME} says its tag is {meta.tag!r}")
-        return Snapshot(p, meta)
+        memory_file = None
+        if meta.kind == "delta":
+            if not meta.memory_source:
+                raise SnapshotInvalidError(f"snapshot {tag}: a delta branch without a memory source")
+            memory_file = self.path(meta.memory_source) / MEMORY_NAME
+            if not memory_file.exists():
+                raise SnapshotInvalidError(f"snapshot {tag} depends on snapshot {meta.memory_source}, whose "
+                                           f"memory.bin is missing ({memory_file})")
+        return Snapshot(p, meta, memory_file)
 
     def list(self) -> list[tuple[str, Snapshot | None, str | None]]:
         """Every snapshot directory as (tag, snapshot or None, error or None), sorted by tag."""
@@ -225,7 +255,8 @@ class SnapshotStore:
 
     def publish(self, staging: Path, meta: SnapshotMeta) -> Snapshot:
         """Hash and fsync the staged files, write snapshot.json, then rename the directory into place."""
-        for name in (VMSTATE_NAME, MEMORY_NAME):
+        names = [n for n in (VMSTATE_NAME, MEMORY_NAME) if (staging / n).exists()]
+        for name in names:
             p = staging / name
             fsync_file(p)
             digest = sha256_file(p)
@@ -238,9 +269,9 @@ class SnapshotStore:
         except OSError as e:
             raise SnapshotExistsError(f"snapshot {meta.tag} appeared while it was being created: {e}") from e
         fsync_dir(self.root)
-        for name in (VMSTATE_NAME, MEMORY_NAME):
+        for name in names:
             remember_verified(final / name, meta.files[name]["sha256"])
-        return Snapshot(final, meta)
+        return self.open(meta.tag)
 
     def discard(self, staging: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
