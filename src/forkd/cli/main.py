@@ -7,8 +7,10 @@ import click
 from forkd import __version__
 from forkd.cli.bench_cmd import bench
 from forkd.cli.cleanup_cmd import cleanup
+from forkd.cli.doctor_cmd import doctor
 from forkd.cli.fork_cmd import fork
 from forkd.cli.image_cmd import image
+from forkd.cli.pack_cmd import pack_command, unpack_command
 from forkd.cli.sandbox_cmd import sandbox
 from forkd.cli.snapshot_cmd import snapshot
 
@@ -27,8 +29,11 @@ cli.add_command(image)
 cli.add_command(snapshot)
 cli.add_command(fork)
 cli.add_command(cleanup)
+cli.add_command(doctor)
 cli.add_command(bench)
 cli.add_command(sandbox)
+cli.add_command(pack_command)
+cli.add_command(unpack_command)
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Path, Query, Request, Response
+from fastapi import Body, FastAPI, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -15,10 +15,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from forkd import __version__
 from forkd.daemon import models as m
 from forkd.daemon.metrics import Metrics
-from forkd.daemon.service import Conflict, Controller, NotFound
+from forkd.daemon.service import Busy, Conflict, Controller, NotFound
 from forkd.errors import (
     AgentError,
     AgentTimeoutError,
+    DependentsError,
     ForkdError,
     SnapshotExistsError,
     SnapshotInvalidError,
@@ -37,9 +38,11 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 def status_for(exc: Exception) -> int:
+    if isinstance(exc, Busy):
+        return 503
     if isinstance(exc, (NotFound, SnapshotNotFoundError)):
         return 404
-    if isinstance(exc, (Conflict, SnapshotExistsError, SnapshotInvalidError)):
+    if isinstance(exc, (Conflict, SnapshotExistsError, SnapshotInvalidError, DependentsError)):
         return 409
     if isinstance(exc, ValidationError):
         return 400
@@ -112,11 +115,26 @@ def create_app(ctl: Controller, metrics: Metrics) -> FastAPI:
     def snapshot_info(tag: Tag) -> dict[str, Any]:
         return ctl.snapshot_info(tag)
 
+    @app.get("/v1/snapshots/pending", response_model=list[m.PendingSnapshot], responses=ERRORS,
+             tags=["snapshots"])
+    def pending_snapshots() -> list[dict[str, Any]]:
+        """Branch snapshots being written (``wait: false``) or that failed."""
+        return ctl.pending_snapshots()
+
     @app.delete("/v1/snapshots/{tag}", status_code=204, responses=ERRORS, tags=["snapshots"])
-    def delete_snapshot(tag: Tag, force: bool = False) -> Response:
-        """Refused with 409 while live sandboxes use it, unless ``force``."""
-        ctl.delete_snapshot(tag, force=force)
+    def delete_snapshot(tag: Tag, force: bool = False, cascade: bool = False) -> Response:
+        """409 while live sandboxes use it or other snapshots depend on it (named in the error), unless
+        ``cascade`` (delete the whole subtree) or ``force`` (orphan them); both together is 400."""
+        if force and cascade:
+            raise ValidationError("cascade and force cannot be used together")
+        ctl.delete_snapshot(tag, force=force, cascade=cascade)
         return Response(status_code=204)
+
+    @app.post("/v1/snapshots/{tag}/compact", status_code=201, response_model=m.SnapshotInfo, responses=ERRORS,
+              tags=["snapshots"])
+    def compact(tag: Tag, req: m.CompactRequest) -> dict[str, Any]:
+        """Write ``to``: a flat, parentless copy (its own memory.bin), through a staging directory."""
+        return ctl.compact(tag, req.to)
 
     # -- sandboxes
     @app.post("/v1/sandboxes", status_code=201, response_model=list[m.SpawnEntry], responses=ERRORS,
@@ -142,6 +160,18 @@ def create_app(ctl: Controller, metrics: Metrics) -> FastAPI:
         """Kill the VM and remove its work dir."""
         ctl.delete(sid)
         return Response(status_code=204)
+
+    @app.post("/v1/sandboxes/{sid}/branch", status_code=201, response_model=m.BranchResponse,
+              responses={**ERRORS, 202: {"model": m.BranchResponse}}, tags=["sandboxes"])
+    def branch(sid: SandboxId, response: Response,
+               req: Annotated[m.BranchRequest | None, Body()] = None) -> dict[str, Any]:
+        """Snapshot the running sandbox (it keeps running); the answer reports the pause in ms, the mode
+        chosen and the bytes written. 409 if the tag exists, 503 past --branch-concurrency."""
+        req = req or m.BranchRequest.model_validate({})
+        out, finished = ctl.branch(sid, req.tag, req.mode, req.wait)
+        if not finished:
+            response.status_code = 202
+        return out
 
     @app.post("/v1/sandboxes/{sid}/ping", response_model=m.PingResponse, responses=ERRORS, tags=["sandboxes"])
     def ping(sid: SandboxId) -> dict[str, Any]:

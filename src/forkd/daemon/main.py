@@ -119,7 +119,7 @@ def build(bind: str, state_path: Path, snap_root: Path | None, audit_path: Path,
     engine = Engine(snapshot_root=snap_root or snapshot_root(), run_dir=run_dir, accel=accel)
     engine.accel  # noqa: B018 - fail at start-up, not on the first request, if the accelerator is unusable
     ctl = Controller(engine, StateFile(state_path), pool_size=pool_size)
-    ctl.branch_concurrency = branch_concurrency  # type: ignore[attr-defined]
+    ctl.branch_concurrency = branch_concurrency
     audit = AuditLog(audit_path)
     metrics = Metrics(lambda: len(ctl.list_snapshots()), ctl.active_count)
     ctl.spawn_observer = metrics.spawn_seconds.observe

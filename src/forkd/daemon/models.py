@@ -40,7 +40,7 @@ class CreateSnapshotRequest(Strict):
 
 class SnapshotInfo(BaseModel):
     tag: str
-    status: Literal["ready"] = "ready"
+    status: Literal["ready", "writing", "failed"] = "ready"
     created_at: float
     memory_mib: int
     vcpus: int
@@ -56,6 +56,42 @@ class SnapshotInfo(BaseModel):
     timings: dict[str, float]
     parent: str | None = None
     sandboxes: int = Field(0, description="Live sandboxes forked from it.")
+    kind: Literal["root", "flat", "delta"] = "root"
+    memory_source: str | None = Field(None, description="A delta: the snapshot whose memory.bin it maps.")
+    branch: dict[str, Any] = Field(default_factory=dict)
+    depth: int | None = None
+    ancestors: list[str] | None = Field(None, description="Root first.")
+    dependents: list[str] | None = None
+    logical_bytes: int | None = None
+    physical_bytes: int | None = None
+
+
+class PendingSnapshot(BaseModel):
+    tag: str
+    status: Literal["writing", "failed"]
+    error: str | None = None
+
+
+class BranchRequest(Strict):
+    tag: str | None = Field(None, pattern=TAG_PATTERN, description="Name of the new snapshot (generated if absent).")
+    mode: Literal["auto", "delta", "flat"] = Field(
+        "auto", description="delta: pages in the vmstate, maps the base memory.bin; flat: a new memory.bin; "
+                            "auto: delta up to 32 MiB of dirty pages, flat above.")
+    wait: bool = Field(True, description="false: answer 202 at once; the snapshot's status is `writing` until ready.")
+
+
+class BranchResponse(BaseModel):
+    tag: str
+    status: Literal["ready", "writing"]
+    mode: str | None = None
+    pause_ms: float | None = None
+    total_ms: float | None = None
+    dirty_bytes: int | None = None
+    bytes_written: int | None = None
+
+
+class CompactRequest(Strict):
+    to: str = Field(pattern=TAG_PATTERN, description="Tag of the flat, parentless copy.")
 
 
 class CreateSandboxesRequest(Strict):
@@ -63,6 +99,7 @@ class CreateSandboxesRequest(Strict):
     n: int = Field(1, ge=1, le=1000, description="Number of children.")
     memory_limit_mib: int | None = Field(None, ge=64, le=1 << 20, description="Memory limit per child, MiB.")
     per_child_netns: bool = Field(False, description="Run child i in network namespace forkd-child-<i>.")
+    live_fork: bool = Field(False, description="Accepted for compatibility; every forkd sandbox can be branched.")
     network: Literal["user", "none"] = Field("user", description="user: own user-mode network; none: no network.")
     expose: list[int] = Field(default_factory=list, max_length=16,
                               description="Guest TCP ports to forward from host loopback ports (see `ports`).")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 import shutil
 import threading
 import time
@@ -30,6 +31,10 @@ class NotFound(ForkdError):
 
 class Conflict(ForkdError):
     pass
+
+
+class Busy(ForkdError):
+    """Too many operations of a kind in flight (503)."""
 
 
 @dataclass
@@ -66,6 +71,9 @@ class Controller:
         self._sandboxes: dict[str, Sandbox] = {}
         self._lock = threading.RLock()
         self._spawn_lock = threading.Lock()
+        self.branch_concurrency = 4
+        self._branch_slots: threading.BoundedSemaphore | None = None
+        self._pending: dict[str, dict[str, Any]] = {}  # branch tag -> {"status": "writing"|"failed", ...}
         self.spawn_observer: Any = None  # callback(seconds) per restored child, for metrics
 
     # -- lifecycle
@@ -124,16 +132,30 @@ class Controller:
             self.state.save({sid: sb.record() for sid, sb in self._sandboxes.items()})
 
     # -- snapshots
+    def _describe(self, snap_summary: dict[str, Any], chain: bool) -> dict[str, Any]:
+        tag = snap_summary["tag"]
+        out = {**snap_summary, "status": "ready", "sandboxes": self.users_of(tag)}
+        if chain:
+            out.update(self.engine.chain_info(tag))
+        return out
+
     def snapshot_info(self, tag: str) -> dict[str, Any]:
-        snap = self.engine.store.open(validate_tag(tag))
-        return {**snap.summary(), "status": "ready", "sandboxes": self.users_of(tag)}
+        validate_tag(tag)
+        if tag in self._pending and not self.engine.store.exists(tag):
+            p = self._pending[tag]
+            raise Conflict(f"snapshot {tag} is {p['status']}" + (f": {p['error']}" if p.get("error") else ""))
+        return self._describe(self.engine.store.open(tag).summary(), chain=True)
 
     def list_snapshots(self) -> list[dict[str, Any]]:
         out = []
-        for tag, snap, _err in self.engine.store.list():
+        for _tag, snap, _err in self.engine.store.list():
             if snap is not None:
-                out.append({**snap.summary(), "status": "ready", "sandboxes": self.users_of(tag)})
+                out.append(self._describe(snap.summary(), chain=False))
         return out
+
+    def pending_snapshots(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [{"tag": t, **p} for t, p in self._pending.items() if not self.engine.store.exists(t)]
 
     def create_snapshot(self, tag: str, memory_mib: int, vcpus: int, warm_code: str | None,
                         boot_timeout_s: float) -> dict[str, Any]:
@@ -141,14 +163,67 @@ class Controller:
                                            boot_timeout=boot_timeout_s)
         return {**snap.summary(), "status": "ready", "sandboxes": 0}
 
-    def delete_snapshot(self, tag: str, force: bool = False) -> None:
+    def delete_snapshot(self, tag: str, force: bool = False, cascade: bool = False) -> list[str]:
+        from forkd.engine import chain
+
         validate_tag(tag)
         if not self.engine.store.exists(tag):
             raise SnapshotNotFoundError(f"snapshot {tag} not found")
-        users = self.users_of(tag)
+        victims = chain.subtree(self.engine.store, tag) if cascade else [tag]
+        users = {t: n for t in victims if (n := self.users_of(t))}
         if users and not force:
-            raise Conflict(f"snapshot {tag} is used by {users} live sandbox(es); kill them first or pass ?force=true")
-        self.engine.delete_snapshot(tag)
+            raise Conflict(f"snapshot(s) in use by live sandboxes: {users}; kill them first or pass ?force=true")
+        return self.engine.delete_snapshot(tag, cascade=cascade, force=force)
+
+    def compact(self, tag: str, to: str) -> dict[str, Any]:
+        snap = self.engine.compact(tag, to)
+        return self._describe(snap.summary(), chain=True)
+
+    # -- branch
+    def branch(self, sid: str, tag: str | None, mode: str, wait: bool) -> tuple[dict[str, Any], bool]:
+        """BRANCH sandbox ``sid``. Returns (answer, finished): finished is False for ``wait=False``."""
+        child = self.running(sid)
+        tag = validate_tag(tag) if tag else f"br-{sid[3:]}-{secrets.token_hex(4)}"
+        if self._branch_slots is None:
+            self._branch_slots = threading.BoundedSemaphore(self.branch_concurrency)
+        if not self._branch_slots.acquire(blocking=False):
+            raise Busy(f"{self.branch_concurrency} branches are already in flight (--branch-concurrency); "
+                       "retry later")
+        try:
+            with self._lock:
+                if self.engine.store.exists(tag) or self._pending.get(tag, {}).get("status") == "writing":
+                    raise Conflict(f"snapshot {tag} already exists or is being written")
+                self._pending[tag] = {"status": "writing"}
+        except BaseException:
+            self._branch_slots.release()
+            raise
+
+        def work() -> dict[str, Any]:
+            try:
+                res = self.engine.branch(child, tag, mode)
+            except BaseException as e:
+                with self._lock:
+                    self._pending[tag] = {"status": "failed", "error": str(e)}
+                raise
+            finally:
+                assert self._branch_slots is not None
+                self._branch_slots.release()
+            with self._lock:
+                self._pending.pop(tag, None)
+            return {**res.to_json(), "status": "ready"}
+
+        if wait:
+            try:
+                return work(), True
+            except ChannelClosedError as e:
+                raise Conflict(f"sandbox {sid} stopped during the branch: {e}") from e
+
+        def background() -> None:
+            with contextlib.suppress(Exception):
+                work()
+
+        threading.Thread(target=background, name=f"branch-{tag}", daemon=True).start()
+        return {"tag": tag, "status": "writing"}, False
 
     def users_of(self, tag: str) -> int:
         with self._lock:

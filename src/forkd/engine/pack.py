@@ -116,6 +116,11 @@ def pack(store: SnapshotStore, tag: str, out: Path, *, progress: ByteProgress | 
         raise PackError(f"{out} already exists; use --force to overwrite it")
     t0 = time.monotonic()
     snap = store.open(tag)
+    source = getattr(snap.meta, "memory_source", None)
+    if source or any(n not in snap.meta.files for n in (VMSTATE_NAME, MEMORY_NAME)):
+        raise PackError(f"snapshot {tag} has no memory.bin of its own"
+                        + (f" (it maps that of {source})" if source else "")
+                        + ": this forkd packs only snapshots that hold all their files")
     snap.check_files()
     meta_bytes = (snap.path / META_NAME).read_bytes()
     try:

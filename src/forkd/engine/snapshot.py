@@ -122,8 +122,9 @@ class Snapshot:
             "accel": self.meta.spec.accel, "cpu": self.meta.spec.cpu, "machine": self.meta.spec.machine,
             "qemu_version": self.meta.qemu.get("version"), "image_id": self.meta.image.get("id"),
             "guest": self.meta.guest, "vmstate_bytes": self.meta.files[VMSTATE_NAME]["size"],
-            "memory_bytes": self.meta.files[MEMORY_NAME]["size"], "memory_allocated_bytes": mem_alloc,
-            "timings": self.meta.timings, "parent": self.meta.parent,
+            "memory_bytes": self.meta.spec.memory_mib << 20, "memory_allocated_bytes": mem_alloc,
+            "timings": self.meta.timings, "parent": self.meta.parent, "kind": self.meta.kind,
+            "memory_source": self.meta.memory_source, "branch": self.meta.branch,
         }
 
     def check_restorable(self, qemu: QemuBinary, accel: str, host_cpu: str) -> None:

@@ -1,0 +1,82 @@
+"""``forkd pack`` and ``forkd unpack``: a snapshot as one portable ``.tar.zst`` file."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TransferSpeedColumn
+
+from forkd.cli.common import json_option, make_engine
+from forkd.cli.output import console, err_console, handle_errors, print_json
+
+ByteProgress = Callable[[int, int], None]
+
+
+@contextmanager
+def byte_progress(description: str, enabled: bool) -> Iterator[ByteProgress | None]:
+    """A rich progress bar counting bytes (only on a terminal); yields the callback to feed it, or None."""
+    if not enabled or not console.is_terminal:
+        yield None
+        return
+    with Progress(TextColumn("{task.description:<12}"), BarColumn(), DownloadColumn(binary_units=True),
+                  TransferSpeedColumn(), TimeElapsedColumn(), console=console, transient=False) as progress:
+        task = progress.add_task(description, total=None)
+
+        def cb(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total or None)
+
+        yield cb
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+@click.command("pack")
+@click.option("--tag", required=True, help="The snapshot to pack.")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The file to write, e.g. TAG.tar.zst.")
+@click.option("--level", type=click.IntRange(1, 22), default=3, show_default=True, help="zstd compression level.")
+@click.option("--force", is_flag=True, help="Overwrite the output file if it exists.")
+@json_option
+@handle_errors
+def pack_command(tag: str, out: Path, level: int, force: bool, as_json: bool) -> None:
+    """Pack snapshot TAG into one portable .tar.zst file (unpack it elsewhere with forkd unpack)."""
+    from forkd.engine.pack import pack
+
+    store = make_engine().store
+    with byte_progress(f"pack {tag}", not as_json) as cb:
+        res = pack(store, tag, out, progress=cb, level=level, force=force)
+    if as_json:
+        print_json(res)
+        return
+    console.print(f"packed {tag} into {out}: {_mib(res['bytes_in'])} -> {_mib(res['bytes_out'])} "
+                  f"({res['ratio']:.1f}x) in {res['seconds']:.1f} s", highlight=False)
+
+
+@click.command("unpack")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--tag", default=None, help="Register the snapshot under this tag instead of its own.")
+@click.option("--force", is_flag=True, help="Replace an existing snapshot with the same tag.")
+@json_option
+@handle_errors
+def unpack_command(file: Path, tag: str | None, force: bool, as_json: bool) -> None:
+    """Verify a pack made by forkd pack and register its snapshot here."""
+    from forkd.engine.pack import unpack
+
+    store = make_engine().store
+    warnings: list[str] = []
+    t0 = time.monotonic()
+    with byte_progress("unpack", not as_json) as cb:
+        tags = unpack(store, file, tag=tag, force=force, progress=cb, warn=warnings.append)
+    seconds = round(time.monotonic() - t0, 3)
+    if as_json:
+        print_json({"tags": tags, "path": str(store.path(tags[-1])), "warnings": warnings, "seconds": seconds})
+        return
+    for w in warnings:
+        err_console.print(f"[bold yellow]warning:[/bold yellow] {w}", highlight=False)
+    console.print(f"unpacked {', '.join(tags)} into {store.root} in {seconds:.1f} s", highlight=False)

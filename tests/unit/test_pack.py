@@ -1,0 +1,420 @@
+"""Portable snapshots (``forkd pack`` / ``forkd unpack``) on a fake snapshot: no VM."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import tarfile
+import time
+import tracemalloc
+from pathlib import Path
+
+import pytest
+import zstandard
+from click.testing import CliRunner
+
+from forkd.engine import pack as packmod
+from forkd.engine.pack import MANIFEST_NAME, pack, unpack
+from forkd.engine.qemu import MachineSpec
+from forkd.engine.snapshot import MEMORY_NAME, META_NAME, VMSTATE_NAME, SnapshotMeta, SnapshotStore
+from forkd.errors import PackError, SnapshotExistsError, ValidationError
+from forkd.fsutil import allocated_bytes
+
+TAG = "packme"
+MEM_SIZE = 8 << 20
+
+
+def _staged(store: SnapshotStore, tag: str, mem_size: int = MEM_SIZE) -> Path:
+    """A staged snapshot with a sparse memory.bin: a few random 4 KiB pages in a file of holes."""
+    staging = store.stage(tag)
+    rnd = random.Random(tag)
+    with open(staging / MEMORY_NAME, "wb") as f:
+        f.truncate(mem_size)
+        for off in (0, 4096 * 3, mem_size // 2 + 12345, mem_size - 4096):
+            f.seek(off)
+            f.write(rnd.randbytes(4096))
+    (staging / VMSTATE_NAME).write_bytes(b"QEVM" + rnd.randbytes(60_000))
+    return staging
+
+
+def _meta(tag: str) -> SnapshotMeta:
+    return SnapshotMeta(tag=tag, created_at=time.time(), spec=MachineSpec(), qemu={"version": "7.2.22"},
+                        accel_reason="", host_cpu="", image={}, guest={}, files={})
+
+
+def _make(root: Path, tag: str = TAG, mem_size: int = MEM_SIZE) -> SnapshotStore:
+    store = SnapshotStore(root)
+    store.publish(_staged(store, tag, mem_size), _meta(tag))
+    return store
+
+
+@pytest.fixture
+def packed(tmp_path: Path) -> tuple[SnapshotStore, Path]:
+    store = _make(tmp_path / "src")
+    out = tmp_path / f"{TAG}.tar.zst"
+    pack(store, TAG, out)
+    return store, out
+
+
+def _nothing_registered(root: Path) -> None:
+    assert not root.exists() or list(root.iterdir()) == [], list(root.iterdir())
+
+
+def _members(archive: Path) -> list[tuple[tarfile.TarInfo, bytes]]:
+    """Every member of a pack and its bytes (for crafting variants)."""
+    data = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(archive.read_bytes()), read_across_frames=True)
+    out = []
+    with tarfile.open(fileobj=data, mode="r|") as tar:
+        for ti in tar:
+            f = tar.extractfile(ti)
+            out.append((ti, f.read() if f else b""))
+    return out
+
+
+def _craft(path: Path, members: list[tuple[tarfile.TarInfo, bytes]]) -> Path:
+    buf = io.BytesIO()
+    with zstandard.ZstdCompressor(write_checksum=True).stream_writer(buf, closefd=False) as zw, \
+            tarfile.open(fileobj=zw, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        for ti, data in members:
+            tar.addfile(ti, io.BytesIO(data) if ti.isreg() else None)
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+def _reg(name: str, data: bytes) -> tuple[tarfile.TarInfo, bytes]:
+    ti = tarfile.TarInfo(name)
+    ti.size = len(data)
+    return ti, data
+
+
+def _with_manifest(members: list[tuple[tarfile.TarInfo, bytes]], edit: object) -> list[tuple[tarfile.TarInfo, bytes]]:
+    manifest = json.loads(members[0][1])
+    edit(manifest)  # type: ignore[operator]
+    return [_reg(MANIFEST_NAME, json.dumps(manifest).encode()), *members[1:]]
+
+
+def test_round_trip(packed: tuple[SnapshotStore, Path], tmp_path: Path) -> None:
+    src, archive = packed
+    members = _members(archive)
+    assert [ti.name for ti, _ in members] == [MANIFEST_NAME, f"{TAG}/{META_NAME}", f"{TAG}/{VMSTATE_NAME}",
+                                              f"{TAG}/{MEMORY_NAME}"]  # no .verified.json
+    manifest = json.loads(members[0][1])
+    assert manifest["forkd_pack_version"] == 1 and manifest["tag"] == TAG and manifest["chain"] == [TAG]
+    assert [f["path"] for f in manifest["files"]] == [ti.name for ti, _ in members[1:]]
+    assert all(ti.isreg() for ti, _ in members)
+
+    dst = SnapshotStore(tmp_path / "dst")
+    assert unpack(dst, archive) == [TAG]
+    for name in (META_NAME, VMSTATE_NAME, MEMORY_NAME):
+        assert (dst.path(TAG) / name).read_bytes() == (src.path(TAG) / name).read_bytes(), name
+    snap = dst.open(TAG)
+    snap.check_files()
+    assert [p.name for p in dst.root.iterdir()] == [TAG]  # no staging left
+    if allocated_bytes(src.path(TAG) / MEMORY_NAME) < MEM_SIZE:  # the filesystem keeps holes
+        assert allocated_bytes(snap.memory) < MEM_SIZE // 2
+
+
+def test_pack_result_and_overwrite(tmp_path: Path) -> None:
+    store = _make(tmp_path / "src")
+    out = tmp_path / "a.tar.zst"
+    seen: list[tuple[int, int]] = []
+    res = pack(store, TAG, out, progress=lambda d, t: seen.append((d, t)))
+    total = sum(f["size"] for f in res["files"])
+    assert res["bytes_in"] == total and res["bytes_out"] == out.stat().st_size
+    assert res["bytes_out"] < MEM_SIZE // 10 and res["ratio"] > 10
+    assert seen[-1] == (total, total)
+    assert not (tmp_path / "a.tar.zst.partial").exists()
+    with pytest.raises(PackError, match="already exists"):
+        pack(store, TAG, out)
+    pack(store, TAG, out, force=True, level=19)
+    with pytest.raises(ValidationError, match="level"):
+        pack(store, TAG, tmp_path / "b.tar.zst", level=0)
+
+
+def test_pack_refuses_a_corrupt_snapshot(tmp_path: Path) -> None:
+    store = _make(tmp_path / "src")
+    with pytest.raises(Exception, match="not found"):
+        pack(store, "nope", tmp_path / "x.tar.zst")
+    with open(store.path(TAG) / VMSTATE_NAME, "r+b") as f:
+        f.write(b"X")
+    with pytest.raises(Exception, match="vmstate is corrupt"):
+        pack(store, TAG, tmp_path / "x.tar.zst")
+    assert list(tmp_path.glob("x.tar.zst*")) == []
+    # a snapshot that maps another one's memory.bin (a delta branch) is not packed on its own
+    meta = json.loads((store.path(TAG) / META_NAME).read_text())
+    del meta["files"][MEMORY_NAME]
+    (store.path(TAG) / META_NAME).write_text(json.dumps(meta))
+    with pytest.raises(PackError, match="no memory.bin of its own"):
+        pack(store, TAG, tmp_path / "x.tar.zst")
+
+
+@pytest.mark.parametrize("where", [4, 40, 300, 0.25, 0.5, 0.75, -40, -10, -2])
+def test_flipped_byte_is_refused(packed: tuple[SnapshotStore, Path], tmp_path: Path, where: float) -> None:
+    _, archive = packed
+    data = bytearray(archive.read_bytes())
+    pos = int(where * len(data)) if isinstance(where, float) else where % len(data)
+    data[pos] ^= 0xFF
+    bad = tmp_path / "bad.tar.zst"
+    bad.write_bytes(bytes(data))
+    dst = SnapshotStore(tmp_path / "dst")
+    with pytest.raises(PackError):
+        unpack(dst, bad)
+    _nothing_registered(dst.root)
+
+
+@pytest.mark.parametrize("cut", [0.5, -10, -1])
+def test_truncated_archive_is_refused(packed: tuple[SnapshotStore, Path], tmp_path: Path, cut: float) -> None:
+    _, archive = packed
+    data = archive.read_bytes()
+    bad = tmp_path / "cut.tar.zst"
+    bad.write_bytes(data[:int(len(data) * cut)] if isinstance(cut, float) else data[:cut])
+    dst = SnapshotStore(tmp_path / "dst")
+    with pytest.raises(PackError, match="truncated or corrupt archive"):
+        unpack(dst, bad)
+    _nothing_registered(dst.root)
+
+
+def test_not_a_pack(tmp_path: Path) -> None:
+    dst = SnapshotStore(tmp_path / "dst")
+    (tmp_path / "empty").write_bytes(b"")
+    (tmp_path / "text").write_bytes(b"hello world\n" * 100)
+    for name in ("empty", "text"):
+        with pytest.raises(PackError):
+            unpack(dst, tmp_path / name)
+    with pytest.raises(PackError, match="cannot read"):
+        unpack(dst, tmp_path / "missing")
+    plain = _craft(tmp_path / "plain.tar.zst", [_reg("hello.txt", b"hi")])
+    with pytest.raises(PackError, match="not a forkd pack"):
+        unpack(dst, plain)
+    _nothing_registered(dst.root)
+
+
+def _symlink(name: str, target: str) -> tuple[tarfile.TarInfo, bytes]:
+    ti = tarfile.TarInfo(name)
+    ti.type, ti.linkname = tarfile.SYMTYPE, target
+    return ti, b""
+
+
+def _hardlink(name: str, target: str) -> tuple[tarfile.TarInfo, bytes]:
+    ti = tarfile.TarInfo(name)
+    ti.type, ti.linkname = tarfile.LNKTYPE, target
+    return ti, b""
+
+
+def _device(name: str) -> tuple[tarfile.TarInfo, bytes]:
+    ti = tarfile.TarInfo(name)
+    ti.type, ti.devmajor, ti.devminor = tarfile.CHRTYPE, 1, 3
+    return ti, b""
+
+
+def _variants(members: list[tuple[tarfile.TarInfo, bytes]]) -> dict[str, tuple[list, str]]:
+    files = members[1:]
+    man = members[0]
+    vm = next(d for ti, d in files if ti.name.endswith(VMSTATE_NAME))
+
+    def bad_hash(m: dict) -> None:
+        m["files"][2]["sha256"] = "0" * 64
+
+    def bad_size(m: dict) -> None:
+        m["files"][1]["size"] += 1
+
+    def v2(m: dict) -> None:
+        m["forkd_pack_version"] = 2
+
+    def escape_in_manifest(m: dict) -> None:
+        m["files"][1]["path"] = f"{TAG}/../{VMSTATE_NAME}"
+
+    def chain2(m: dict) -> None:
+        m["chain"] = ["base", TAG]
+
+    return {
+        "dotdot": ([*members, _reg("../evil", b"x")], r"escapes the target directory"),
+        "dotdot_inside": ([*members, _reg(f"{TAG}/../../evil", b"x")], r"escapes the target directory"),
+        "absolute": ([*members, _reg("/tmp/forkd-evil", b"x")], "absolute path"),
+        "symlink_extra": ([*members, _symlink(f"{TAG}/link", "/etc/passwd")], "symlink"),
+        "symlink_instead": ([man, files[0], _symlink(f"{TAG}/{VMSTATE_NAME}", "/etc/passwd"), files[2]], "symlink"),
+        "hardlink": ([man, files[0], _hardlink(f"{TAG}/{VMSTATE_NAME}", "/etc/passwd"), files[2]], "hardlink"),
+        "device": ([man, files[0], _device(f"{TAG}/{VMSTATE_NAME}"), files[2]], "device"),
+        "extra": ([*members, _reg(f"{TAG}/extra", b"x")], "not in the manifest"),
+        "extra_dotfile": ([*members, _reg(f"{TAG}/.verified.json", b"{}")], "not in the manifest"),
+        "duplicate": ([*members, _reg(f"{TAG}/{VMSTATE_NAME}", vm)], "appears twice"),
+        "missing": (members[:3], "missing from the archive"),
+        "manifest_not_first": ([*files, man], "not a forkd pack"),
+        "manifest_hash": (_with_manifest(members, bad_hash), "sha256"),
+        "manifest_size": (_with_manifest(members, bad_size), "bytes"),
+        "manifest_v2": (_with_manifest(members, v2), "unsupported pack version 2"),
+        "manifest_escape": (_with_manifest(members, escape_in_manifest), "unexpected path"),
+        "manifest_chain": (_with_manifest(members, chain2), "chain"),
+        "member_content": ([man, files[0], _reg(f"{TAG}/{VMSTATE_NAME}", vm[:-1] + b"!"), files[2]], "sha256"),
+    }
+
+
+def test_crafted_archives_are_refused(packed: tuple[SnapshotStore, Path], tmp_path: Path) -> None:
+    _, archive = packed
+    members = _members(archive)
+    for name, (variant, match) in _variants(members).items():
+        bad = _craft(tmp_path / f"{name}.tar.zst", variant)
+        dst = SnapshotStore(tmp_path / f"dst-{name}")
+        with pytest.raises(PackError, match=match):
+            unpack(dst, bad)
+        _nothing_registered(dst.root)
+    assert not list(tmp_path.rglob("*evil*"))
+    assert not Path("/tmp/forkd-evil").exists()
+    # the crafting itself is sound: the unmodified members unpack
+    dst = SnapshotStore(tmp_path / "dst-ok")
+    assert unpack(dst, _craft(tmp_path / "ok.tar.zst", members)) == [TAG]
+
+
+def test_snapshot_json_must_agree_with_manifest(packed: tuple[SnapshotStore, Path], tmp_path: Path) -> None:
+    _, archive = packed
+    members = _members(archive)
+    meta = json.loads(members[1][1])
+    meta["files"][VMSTATE_NAME]["sha256"] = "1" * 64
+    meta["tag"] = "other"
+    for i, (edit, match) in enumerate([({"files": meta["files"]}, "records vmstate"), ({"tag": "other"}, "tag")]):
+        m2 = json.loads(members[1][1]) | edit
+        data = json.dumps(m2).encode()
+        manifest = json.loads(members[0][1])
+        manifest["files"][0].update(size=len(data), sha256=__import__("hashlib").sha256(data).hexdigest())
+        variant = [_reg(MANIFEST_NAME, json.dumps(manifest).encode()), _reg(members[1][0].name, data), *members[2:]]
+        dst = SnapshotStore(tmp_path / f"dst{i}")
+        with pytest.raises(PackError, match=match):
+            unpack(dst, _craft(tmp_path / f"m{i}.tar.zst", variant))
+        _nothing_registered(dst.root)
+
+
+def test_expansion_is_bounded(packed: tuple[SnapshotStore, Path], tmp_path: Path) -> None:
+    """A huge pax header is refused before it is read; so is a stream longer than its manifest allows."""
+    _, archive = packed
+    members = _members(archive)
+    ti = tarfile.TarInfo(f"{TAG}/{VMSTATE_NAME}")
+    ti.pax_headers = {"comment": "x" * (4 << 20)}
+    ti.size = 0
+    bomb = _craft(tmp_path / "bomb.tar.zst", [*members[:2], (ti, b"")])
+    with pytest.raises(PackError, match="extended tar header"):
+        unpack(SnapshotStore(tmp_path / "dst"), bomb)
+    # a valid pack followed by 64 MiB of zeros inside the same zstd frame (~2 KiB compressed)
+    buf = io.BytesIO()
+    with zstandard.ZstdCompressor(write_checksum=True).stream_writer(buf, closefd=False) as zw:
+        with tarfile.open(fileobj=zw, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            for ti, data in members:
+                tar.addfile(ti, io.BytesIO(data))
+        for _ in range(64):
+            zw.write(bytes(1 << 20))
+    (tmp_path / "tail.tar.zst").write_bytes(buf.getvalue())
+    with pytest.raises(PackError, match="expands beyond"):
+        unpack(SnapshotStore(tmp_path / "dst"), tmp_path / "tail.tar.zst")
+    _nothing_registered(tmp_path / "dst")
+
+
+def test_rename_with_tag(packed: tuple[SnapshotStore, Path], tmp_path: Path) -> None:
+    _, archive = packed
+    dst = SnapshotStore(tmp_path / "dst")
+    assert unpack(dst, archive, tag="renamed") == ["renamed"]
+    snap = dst.open("renamed")
+    assert snap.meta.tag == "renamed"
+    snap.check_files()
+    assert not dst.exists(TAG)
+    with pytest.raises(ValidationError):
+        unpack(dst, archive, tag="../x")
+
+
+def test_existing_tag_needs_force(packed: tuple[SnapshotStore, Path], tmp_path: Path) -> None:
+    src, archive = packed
+    with pytest.raises(SnapshotExistsError, match="--force"):
+        unpack(src, archive)
+    # damage the existing copy; --force replaces it with the archive's
+    vm = src.path(TAG) / VMSTATE_NAME
+    vm.write_bytes(b"damaged")
+    (src.path(TAG) / "marker").write_text("old")
+    assert unpack(src, archive, force=True) == [TAG]
+    assert not (src.path(TAG) / "marker").exists()
+    src.open(TAG).check_files()
+    assert sorted(p.name for p in src.root.iterdir()) == [TAG]  # old copy and staging gone
+
+
+def test_warns_about_another_qemu(packed: tuple[SnapshotStore, Path], tmp_path: Path,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from forkd.engine import accel, qemu
+
+    _, archive = packed
+    monkeypatch.setattr(qemu, "qemu_binary", lambda: qemu.QemuBinary("/x/qemu", "9.9.9", ""))
+    monkeypatch.setattr(accel, "choose_accel", lambda *a: accel.AccelChoice("kvm", "test", "host"))
+    warnings: list[str] = []
+    assert unpack(SnapshotStore(tmp_path / "dst"), archive, warn=warnings.append) == [TAG]
+    assert any("QEMU 7.2.22" in w and "9.9.9" in w for w in warnings), warnings
+    assert any("accelerator tcg" in w for w in warnings), warnings
+
+
+def test_memory_image_is_streamed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from forkd.fsutil import atomic_write_json, sha256_file
+
+    size = 64 << 20
+    store = _make(tmp_path / "src", mem_size=size)
+    # non-zero data in every MiB, so neither side can shortcut through holes
+    with open(store.path(TAG) / MEMORY_NAME, "r+b") as f:
+        for off in range(0, size, 1 << 20):
+            f.seek(off)
+            f.write(os.urandom(64 << 10))
+    meta = store.open(TAG).meta
+    meta.files[MEMORY_NAME]["sha256"] = sha256_file(store.path(TAG) / MEMORY_NAME)
+    atomic_write_json(store.path(TAG) / META_NAME, meta.to_json())
+
+    reads: list[int] = []
+    real = packmod._HashingReader.read
+
+    def spy(self: packmod._HashingReader, n: int = -1) -> bytes:
+        b = real(self, n)
+        reads.append(len(b))
+        return b
+
+    monkeypatch.setattr(packmod._HashingReader, "read", spy)
+    out = tmp_path / "big.tar.zst"
+    tracemalloc.start()
+    try:
+        pack(store, TAG, out)
+        _, pack_peak = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        unpack(SnapshotStore(tmp_path / "dst"), out)
+        _, unpack_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert max(reads) <= 1 << 20 and sum(reads) >= size
+    # constant (~4-8 MiB: 1 MiB chunks, tarfile's buffer, check_files' 4 MiB hashing reads), not O(size)
+    assert pack_peak < size // 4, pack_peak
+    assert unpack_peak < size // 4, unpack_peak
+    SnapshotStore(tmp_path / "dst").open(TAG).check_files()
+
+
+def _flat(s: str) -> str:
+    return " ".join(s.split())  # rich wraps long lines
+
+
+def test_cli_pack_unpack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from forkd.cli.main import cli
+
+    _make(tmp_path / "src")
+    out = tmp_path / "p.tar.zst"
+    monkeypatch.setenv("FORKD_SNAPSHOT_ROOT", str(tmp_path / "src"))
+    r = CliRunner().invoke(cli, ["pack", "--tag", TAG, "--out", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["bytes_out"] == out.stat().st_size
+    r = CliRunner().invoke(cli, ["pack", "--tag", TAG, "--out", str(out)])
+    assert r.exit_code == 1 and "already exists" in _flat(r.output)
+    r = CliRunner().invoke(cli, ["pack", "--tag", TAG, "--out", str(out), "--force", "--level", "1"])
+    assert r.exit_code == 0, r.output
+
+    monkeypatch.setenv("FORKD_SNAPSHOT_ROOT", str(tmp_path / "dst"))
+    r = CliRunner().invoke(cli, ["unpack", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["tags"] == [TAG]
+    r = CliRunner().invoke(cli, ["unpack", str(out)])
+    assert r.exit_code == 1 and "already exists" in _flat(r.output)
+    r = CliRunner().invoke(cli, ["unpack", str(out), "--tag", "copy2"])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (tmp_path / "dst").iterdir()) == ["copy2", TAG]
+    out.write_bytes(out.read_bytes()[:-10])
+    r = CliRunner().invoke(cli, ["unpack", str(out), "--tag", "copy3"])
+    assert r.exit_code == 1 and "truncated" in _flat(r.output)
