@@ -269,3 +269,16 @@ def test_oom_killed_sandbox_reports_it(daemon: Daemon, snapshot: str) -> None:
         assert c.post(f"/v1/sandboxes/{other}/eval", json={"expr": "1"}).json()["value"] == 1
         for s in (hog, other):
             assert c.delete(f"/v1/sandboxes/{s}").status_code == 204
+
+
+def test_a_second_daemon_on_the_same_state_is_refused_and_harms_nothing(daemon: Daemon, snapshot: str) -> None:
+    with daemon.client() as c:
+        (sid,) = spawn(c, snapshot)
+    p = subprocess.run([sys.executable, "-m", "forkd.daemon", "serve", "--bind", f"127.0.0.1:{free_port()}",
+                        "--state", str(daemon.state), "--audit-log", str(daemon.dir / "audit2.log")],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "already using --state" in p.stderr
+    with daemon.client() as c:
+        assert c.post(f"/v1/sandboxes/{sid}/ping").status_code == 200
+        assert sid in json.loads(daemon.state.read_text())["sandboxes"]
+        c.delete(f"/v1/sandboxes/{sid}")

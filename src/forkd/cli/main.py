@@ -11,7 +11,7 @@ from forkd.cli.doctor_cmd import doctor
 from forkd.cli.fork_cmd import fork
 from forkd.cli.image_cmd import image
 from forkd.cli.pack_cmd import pack_command, unpack_command
-from forkd.cli.sandbox_cmd import sandbox
+from forkd.cli.sandbox_cmd import branch, sandbox
 from forkd.cli.snapshot_cmd import snapshot
 
 
@@ -32,6 +32,7 @@ cli.add_command(cleanup)
 cli.add_command(doctor)
 cli.add_command(bench)
 cli.add_command(sandbox)
+cli.add_command(branch)
 cli.add_command(pack_command)
 cli.add_command(unpack_command)
 

@@ -23,6 +23,7 @@ class Backend(Protocol):
     def list(self) -> list[dict[str, Any]]: ...
     def call(self, sid: str, op: str, **kw: Any) -> dict[str, Any]: ...
     def kill(self, sid: str) -> None: ...
+    def branch(self, sid: str, tag: str | None, mode: str, wait: bool) -> dict[str, Any]: ...
 
 
 class LocalBackend:
@@ -77,6 +78,14 @@ class LocalBackend:
     def kill(self, sid: str) -> None:
         self._child(sid).kill()
 
+    def branch(self, sid: str, tag: str | None, mode: str, wait: bool) -> dict[str, Any]:
+        child = self._child(sid)
+        try:
+            return dict(self.engine.branch(child, tag, mode).to_json(), status="ready")
+        finally:
+            child.vm.channel.close()
+            child.vm.qmp.close()
+
 
 class RemoteBackend:
     """A forkd-controller, through the SDK."""
@@ -120,6 +129,9 @@ class RemoteBackend:
 
     def kill(self, sid: str) -> None:
         self.ctl.get_sandbox(sid).kill()
+
+    def branch(self, sid: str, tag: str | None, mode: str, wait: bool) -> dict[str, Any]:
+        return dict(self.ctl.get_sandbox(sid).branch(tag, mode=mode, wait=wait).__dict__)
 
 
 def backend(ctx: click.Context) -> Backend:
@@ -245,3 +257,29 @@ def kill(ctx: click.Context, sids: tuple[str, ...], all_: bool) -> None:
         console.print(f"killed {sid}", highlight=False)
 
 
+
+
+@click.command("branch")
+@click.argument("sid")
+@click.option("--tag", default=None, help="Name of the new snapshot (generated when absent).")
+@click.option("--mode", type=click.Choice(["auto", "delta", "flat"]), default="auto", show_default=True,
+              help="delta: pages in the vmstate over the base memory.bin; flat: a memory.bin of its own.")
+@click.option("--no-wait", is_flag=True, help="Daemon only: return at once; the snapshot is `writing` until ready.")
+@click.option("--url", envvar="FORKD_URL", default=None, help="forkd-controller URL; local engine when absent.")
+@click.option("--token-file", envvar="FORKD_TOKEN_FILE", default=None, type=click.Path(path_type=Path))
+@accel_option
+@json_option
+@handle_errors
+def branch(sid: str, tag: str | None, mode: str, no_wait: bool, url: str | None, token_file: Path | None,
+           accel: str | None, as_json: bool) -> None:
+    """Snapshot the running sandbox SID so it can be forked again; it keeps running."""
+    b: Backend = RemoteBackend(url, token_file) if url else LocalBackend(accel)
+    r = b.branch(sid, tag, mode, not no_wait)
+    if as_json:
+        print_json(r)
+    elif r.get("status") == "writing":
+        console.print(f"snapshot {r['tag']} is being written", highlight=False)
+    else:
+        console.print(f"snapshot {r['tag']}: {r['mode']}, pause {r['pause_ms']} ms, "
+                      f"{r['dirty_bytes'] / 2**20:.1f} MiB dirty, {r['bytes_written'] / 2**20:.1f} MiB written, "
+                      f"{r['total_ms']} ms in all", highlight=False)

@@ -92,10 +92,26 @@ def info(tag: str, as_json: bool) -> None:
 
 @snapshot.command("rm")
 @click.argument("tags", nargs=-1, required=True)
+@click.option("--cascade", is_flag=True, help="Also delete the branches that depend on it.")
+@click.option("--force", is_flag=True, help="Delete it even though branches depend on it (orphans them).")
 @handle_errors
-def rm(tags: tuple[str, ...]) -> None:
+def rm(tags: tuple[str, ...], cascade: bool, force: bool) -> None:
     """Delete snapshots."""
     eng = make_engine()
     for tag in tags:
-        eng.delete_snapshot(tag)
-        console.print(f"deleted {tag}")
+        for t in eng.delete_snapshot(tag, cascade=cascade, force=force):
+            console.print(f"deleted {t}", highlight=False)
+
+
+@snapshot.command("compact")
+@click.argument("tag")
+@click.option("--to", "to", required=True, help="Tag of the flat, parentless copy.")
+@json_option
+@handle_errors
+def compact(tag: str, to: str, as_json: bool) -> None:
+    """Write a flat, parentless copy of a branch snapshot."""
+    snap = make_engine().compact(tag, to)
+    if as_json:
+        print_json(snap.summary())
+    else:
+        console.print(f"snapshot {to} written (from {tag})", highlight=False)

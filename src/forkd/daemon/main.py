@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import signal
@@ -115,6 +116,8 @@ def build(bind: str, state_path: Path, snap_root: Path | None, audit_path: Path,
     for p in (tls_cert, tls_key):
         if p is not None and not os.access(p, os.R_OK):
             raise ValidationError(f"TLS file {p} is not readable")
+    lock_state(state_path)
+    listener = unix_listener(Path(where)) if isinstance(where, str) else tcp_listener(*where)
     run_dir = scratch_dir or state_path.parent / "run"
     engine = Engine(snapshot_root=snap_root or snapshot_root(), run_dir=run_dir, accel=accel)
     engine.accel  # noqa: B018 - fail at start-up, not on the first request, if the accelerator is unusable
@@ -141,10 +144,7 @@ def build(bind: str, state_path: Path, snap_root: Path | None, audit_path: Path,
     asgi = AuditMiddleware(BearerAuth(app, token), audit, metrics.observe_request)
     kw: dict[str, object] = {"log_level": log_level, "timeout_graceful_shutdown": 30, "access_log": False,
                              "lifespan": "on", "server_header": False}
-    if isinstance(where, str):
-        kw["fd"] = unix_listener(Path(where)).detach()
-    else:
-        kw["host"], kw["port"] = where
+    kw["fd"] = listener.detach()  # bound before reconcile: a busy address fails before anything is touched
     if tls_cert and tls_key:
         kw["ssl_certfile"], kw["ssl_keyfile"] = str(tls_cert), str(tls_key)
     config = uvicorn.Config(asgi, **kw)  # type: ignore[arg-type]
@@ -152,6 +152,35 @@ def build(bind: str, state_path: Path, snap_root: Path | None, audit_path: Path,
     if config.ssl is not None:
         config.ssl.minimum_version = ssl.TLSVersion.TLSv1_2  # TLS 1.2 and 1.3 only
     return config, audit
+
+
+_LOCKS: list[int] = []
+
+
+def lock_state(state_path: Path) -> None:
+    """Hold an exclusive lock beside the state file for the life of the process: a second daemon on the
+    same state would otherwise prune the first one's sandboxes."""
+    state_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(f"{state_path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as e:
+        os.close(fd)
+        raise ValidationError(f"another forkd-controller is already using --state {state_path}") from e
+    _LOCKS.append(fd)
+
+
+def tcp_listener(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind((host, port))
+    except OSError as e:
+        s.close()
+        raise ValidationError(f"--bind {host}:{port}: {e.strerror}") from e
+    s.listen(2048)
+    return s
 
 
 def unix_listener(path: Path) -> socket.socket:

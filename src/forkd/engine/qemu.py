@@ -67,7 +67,8 @@ class MachineSpec:
     memory_mib: int = 512
     vcpus: int = 1
     machine: str = "microvm"
-    machine_opts: str = "x-option-roms=off"
+    # mem-merge=off: guest RAM is never offered to KSM (cross-tenant de-duplication is a side channel)
+    machine_opts: str = "x-option-roms=off,mem-merge=off"
     accel: str = "tcg"
     accel_opts: str = ""
     cpu: str = "max"

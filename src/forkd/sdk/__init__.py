@@ -25,6 +25,7 @@ from forkd.sdk.errors import (
     UnprocessableEntityError,
 )
 from forkd.sdk.models import (
+    BranchResult,
     CommandResult,
     EvalResult,
     Execution,
@@ -47,6 +48,7 @@ __all__ = [
     "AuthenticationError",
     "BadRequestError",
     "CodeError",
+    "BranchResult",
     "CommandResult",
     "Commands",
     "ConflictError",

@@ -26,6 +26,7 @@ from forkd.sdk.errors import (
     error_for_status,
 )
 from forkd.sdk.models import (
+    BranchResult,
     CommandResult,
     EvalResult,
     Execution,
@@ -282,8 +283,27 @@ def op_snapshot_info(tag: str) -> Call[SnapshotInfo]:
     return Call("GET", f"/v1/snapshots/{segment(tag, 'tag')}/info", model(SnapshotInfo))
 
 
-def op_delete_snapshot(tag: str, force: bool) -> Call[None]:
-    return Call("DELETE", f"/v1/snapshots/{segment(tag, 'tag')}", nothing, params={"force": bool(force)})
+def op_delete_snapshot(tag: str, force: bool, cascade: bool = False) -> Call[None]:
+    if force and cascade:
+        raise ValueError("force and cascade cannot be used together")
+    return Call("DELETE", f"/v1/snapshots/{segment(tag, 'tag')}", nothing,
+                params={"force": bool(force), "cascade": bool(cascade)})
+
+
+def op_compact(tag: str, to: str) -> Call[SnapshotInfo]:
+    check_str(to, "to", empty=False)
+    return Call("POST", f"/v1/snapshots/{segment(tag, 'tag')}/compact", model(SnapshotInfo), json={"to": to},
+                timeout=600.0)
+
+
+def op_branch(sandbox_id: str, tag: str | None, mode: str, wait: bool) -> Call[BranchResult]:
+    if mode not in ("auto", "delta", "flat"):
+        raise ValueError(f"mode: must be 'auto', 'delta' or 'flat', got {mode!r}")
+    body: dict[str, Any] = {"mode": mode, "wait": bool(wait)}
+    if tag is not None:
+        check_str(tag, "tag", empty=False)
+        body["tag"] = tag
+    return Call("POST", sandbox_path(sandbox_id, "/branch"), model(BranchResult), json=body, timeout=600.0)
 
 
 # ---------------------------------------------------------------- sandboxes

@@ -33,6 +33,7 @@ from forkd.sdk import _base as b
 from forkd.sdk._config import Verify, async_client
 from forkd.sdk.errors import ForkdAPIError, NotFoundError, SpawnError
 from forkd.sdk.models import (
+    BranchResult,
     CommandResult,
     EvalResult,
     Execution,
@@ -114,9 +115,14 @@ class AsyncController(b.BaseController):
         """One snapshot; NotFoundError if there is none with that tag."""
         return await self._request(b.op_snapshot_info(tag))
 
-    async def delete_snapshot(self, tag: str, *, force: bool = False) -> None:
-        """Delete a snapshot; ConflictError while live sandboxes use it, unless ``force``."""
-        await self._request(b.op_delete_snapshot(tag, force))
+    async def delete_snapshot(self, tag: str, *, force: bool = False, cascade: bool = False) -> None:
+        """Delete a snapshot. ConflictError while live sandboxes use it or branches depend on it, unless
+        ``force`` (orphan them) or ``cascade`` (delete the branches too)."""
+        await self._request(b.op_delete_snapshot(tag, force, cascade))
+
+    async def compact_snapshot(self, tag: str, to: str) -> SnapshotInfo:
+        """Write ``to``: a flat, parentless copy of snapshot ``tag``."""
+        return await self._request(b.op_compact(tag, to))
 
     # -- sandboxes
     @overload
@@ -207,6 +213,11 @@ class AsyncSandbox(b.BaseSandbox):
         """Kill the VM and remove its files. Idempotent: killing a sandbox that is gone is not an error."""
         with contextlib.suppress(NotFoundError):
             await self._request(b.op_kill(self.id))
+
+    async def branch(self, tag: str | None = None, *, mode: str = "auto", wait: bool = True) -> BranchResult:
+        """Snapshot this running sandbox as ``tag`` (generated when None); it keeps running. ``mode`` is
+        delta, flat or auto; with ``wait=False`` the call returns at once (status ``writing``)."""
+        return await self._request(b.op_branch(self.id, tag, mode, wait))
 
     async def ping(self) -> PingResult:
         """Ask the guest agent for its versions and uptime."""

@@ -79,6 +79,29 @@ class SnapshotInfo(Model):
     parent: str | None = None
     sandboxes: int = 0
     """Live sandboxes forked from this snapshot."""
+    kind: str = "root"
+    """root, flat (a branch with its own memory.bin) or delta (a branch mapping its base's memory.bin)."""
+    memory_source: str | None = None
+    depth: int | None = None
+    ancestors: list[str] | None = None
+    """Root first (only from ``snapshot_info``)."""
+    dependents: list[str] | None = None
+    logical_bytes: int | None = None
+    physical_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class BranchResult(Model):
+    """The answer to a BRANCH: the new snapshot's tag, the pause of the source (milliseconds), the mode
+    chosen and the bytes written. ``status`` is ``writing`` when the call did not wait."""
+
+    tag: str
+    status: str = "ready"
+    mode: str | None = None
+    pause_ms: float | None = None
+    total_ms: float | None = None
+    dirty_bytes: int | None = None
+    bytes_written: int | None = None
 
 
 @dataclass(frozen=True)

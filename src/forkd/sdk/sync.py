@@ -25,6 +25,7 @@ from forkd.sdk import _base as b
 from forkd.sdk._config import Verify, sync_client
 from forkd.sdk.errors import ForkdAPIError, NotFoundError, SpawnError
 from forkd.sdk.models import (
+    BranchResult,
     CommandResult,
     EvalResult,
     Execution,
@@ -109,9 +110,14 @@ class Controller(b.BaseController):
         """One snapshot; NotFoundError if there is none with that tag."""
         return self._request(b.op_snapshot_info(tag))
 
-    def delete_snapshot(self, tag: str, *, force: bool = False) -> None:
-        """Delete a snapshot; ConflictError while live sandboxes use it, unless ``force``."""
-        self._request(b.op_delete_snapshot(tag, force))
+    def delete_snapshot(self, tag: str, *, force: bool = False, cascade: bool = False) -> None:
+        """Delete a snapshot. ConflictError while live sandboxes use it or branches depend on it, unless
+        ``force`` (orphan them) or ``cascade`` (delete the branches too)."""
+        self._request(b.op_delete_snapshot(tag, force, cascade))
+
+    def compact_snapshot(self, tag: str, to: str) -> SnapshotInfo:
+        """Write ``to``: a flat, parentless copy of snapshot ``tag``."""
+        return self._request(b.op_compact(tag, to))
 
     # -- sandboxes
     @overload
@@ -202,6 +208,11 @@ class Sandbox(b.BaseSandbox):
         """Kill the VM and remove its files. Idempotent: killing a sandbox that is gone is not an error."""
         with contextlib.suppress(NotFoundError):
             self._request(b.op_kill(self.id))
+
+    def branch(self, tag: str | None = None, *, mode: str = "auto", wait: bool = True) -> BranchResult:
+        """Snapshot this running sandbox as ``tag`` (generated when None); it keeps running. ``mode`` is
+        delta, flat or auto; with ``wait=False`` the call returns at once (status ``writing``)."""
+        return self._request(b.op_branch(self.id, tag, mode, wait))
 
     def ping(self) -> PingResult:
         """Ask the guest agent for its versions and uptime."""
