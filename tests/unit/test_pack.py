@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -16,10 +17,10 @@ import zstandard
 from click.testing import CliRunner
 
 from forkd.engine import pack as packmod
-from forkd.engine.pack import MANIFEST_NAME, pack, unpack
+from forkd.engine.pack import MANIFEST_NAME, pack, unpack, unpack_chain
 from forkd.engine.qemu import MachineSpec
 from forkd.engine.snapshot import MEMORY_NAME, META_NAME, VMSTATE_NAME, SnapshotMeta, SnapshotStore
-from forkd.errors import PackError, SnapshotExistsError, ValidationError
+from forkd.errors import PackError, SnapshotExistsError, SnapshotInvalidError, ValidationError
 from forkd.fsutil import allocated_bytes
 
 TAG = "packme"
@@ -142,12 +143,13 @@ def test_pack_refuses_a_corrupt_snapshot(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="vmstate is corrupt"):
         pack(store, TAG, tmp_path / "x.tar.zst")
     assert list(tmp_path.glob("x.tar.zst*")) == []
-    # a snapshot that maps another one's memory.bin (a delta branch) is not packed on its own
+    # a root snapshot whose snapshot.json records no memory.bin
     meta = json.loads((store.path(TAG) / META_NAME).read_text())
     del meta["files"][MEMORY_NAME]
     (store.path(TAG) / META_NAME).write_text(json.dumps(meta))
-    with pytest.raises(PackError, match="no memory.bin of its own"):
+    with pytest.raises(SnapshotInvalidError, match="records no memory.bin"):
         pack(store, TAG, tmp_path / "x.tar.zst")
+    assert list(tmp_path.glob("x.tar.zst*")) == []
 
 
 @pytest.mark.parametrize("where", [4, 40, 300, 0.25, 0.5, 0.75, -40, -10, -2])
@@ -323,13 +325,30 @@ def test_rename_with_tag(packed: tuple[SnapshotStore, Path], tmp_path: Path) -> 
 
 def test_existing_tag_needs_force(packed: tuple[SnapshotStore, Path], tmp_path: Path) -> None:
     src, archive = packed
-    with pytest.raises(SnapshotExistsError, match="--force"):
-        unpack(src, archive)
-    # damage the existing copy; --force replaces it with the archive's
+    # the same snapshot: reused as it is
+    ino = (src.path(TAG) / MEMORY_NAME).stat().st_ino
+    res = unpack_chain(src, archive)
+    assert (res.tags, res.registered, res.reused) == ([TAG], [], [TAG])
+    assert (src.path(TAG) / MEMORY_NAME).stat().st_ino == ino
+    # another snapshot of that name: refused
+    other = SnapshotStore(tmp_path / "other")
+    staging = other.stage(TAG)
+    (staging / VMSTATE_NAME).write_bytes(b"QEVM other")
+    (staging / MEMORY_NAME).write_bytes(b"other")
+    other.publish(staging, _meta(TAG))
+    with pytest.raises(SnapshotExistsError, match=r"packme \(its vmstate differs.*--force.*--tag"):
+        unpack(other, archive)
+    assert (other.path(TAG) / MEMORY_NAME).read_bytes() == b"other"
+    # damage the existing copy (snapshot.json still records the right hashes): not the same any more
     vm = src.path(TAG) / VMSTATE_NAME
     vm.write_bytes(b"damaged")
     (src.path(TAG) / "marker").write_text("old")
-    assert unpack(src, archive, force=True) == [TAG]
+    with pytest.raises(PackError, match="damaged"):
+        unpack(src, archive)
+    assert vm.read_bytes() == b"damaged"
+    # --force replaces it with the archive's
+    res = unpack_chain(src, archive, force=True)
+    assert (res.tags, res.registered, res.replaced, res.reused) == ([TAG], [TAG], [TAG], [])
     assert not (src.path(TAG) / "marker").exists()
     src.open(TAG).check_files()
     assert sorted(p.name for p in src.root.iterdir()) == [TAG]  # old copy and staging gone
@@ -410,11 +429,276 @@ def test_cli_pack_unpack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     r = CliRunner().invoke(cli, ["unpack", str(out), "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["tags"] == [TAG]
+    r = CliRunner().invoke(cli, ["unpack", str(out)])  # the same snapshot again: reused
+    assert r.exit_code == 0 and "reused" in _flat(r.output), r.output
+    (tmp_path / "dst" / TAG / VMSTATE_NAME).write_bytes(b"damaged")
     r = CliRunner().invoke(cli, ["unpack", str(out)])
-    assert r.exit_code == 1 and "already exists" in _flat(r.output)
+    assert r.exit_code == 1 and "differ from the pack's; use --force" in _flat(r.output), r.output
+    r = CliRunner().invoke(cli, ["unpack", str(out), "--force", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["replaced"] == [TAG]
     r = CliRunner().invoke(cli, ["unpack", str(out), "--tag", "copy2"])
     assert r.exit_code == 0, r.output
     assert sorted(p.name for p in (tmp_path / "dst").iterdir()) == ["copy2", TAG]
     out.write_bytes(out.read_bytes()[:-10])
     r = CliRunner().invoke(cli, ["unpack", str(out), "--tag", "copy3"])
     assert r.exit_code == 1 and "truncated" in _flat(r.output)
+
+
+# ------------------------------------------------------------------------------------------- chains
+
+ROOT, DELTA, FLAT = "base", "mid", "leaf"
+CHAIN = [ROOT, DELTA, FLAT]
+
+
+def _make_chain(root: Path) -> SnapshotStore:
+    """base (root, memory.bin) -> mid (delta: maps base's memory.bin) -> leaf (flat: a memory.bin of its own)."""
+    store = _make(root, ROOT)
+    staging = store.stage(DELTA)
+    (staging / VMSTATE_NAME).write_bytes(b"QEVM" + random.Random(DELTA).randbytes(20_000))
+    meta = _meta(DELTA)
+    meta.kind, meta.parent, meta.memory_source = "delta", ROOT, ROOT
+    meta.depends_sha256 = store.open(ROOT).meta.files[MEMORY_NAME]["sha256"]
+    store.publish(staging, meta)
+    meta = _meta(FLAT)
+    meta.kind, meta.parent = "flat", DELTA
+    store.publish(_staged(store, FLAT), meta)
+    return store
+
+
+@pytest.fixture
+def chain_packed(tmp_path: Path) -> tuple[SnapshotStore, Path]:
+    store = _make_chain(tmp_path / "src")
+    out = tmp_path / "chain.tar.zst"
+    res = pack(store, FLAT, out)
+    assert res["chain"] == CHAIN and res["tag"] == FLAT
+    return store, out
+
+
+def _snapshot_dirs(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir()) if root.exists() else []
+
+
+def test_chain_round_trip(chain_packed: tuple[SnapshotStore, Path], tmp_path: Path) -> None:
+    src, archive = chain_packed
+    members = _members(archive)
+    assert [ti.name for ti, _ in members] == [
+        MANIFEST_NAME,
+        f"{ROOT}/{META_NAME}", f"{ROOT}/{VMSTATE_NAME}", f"{ROOT}/{MEMORY_NAME}",
+        f"{DELTA}/{META_NAME}", f"{DELTA}/{VMSTATE_NAME}",  # a delta has no memory.bin of its own
+        f"{FLAT}/{META_NAME}", f"{FLAT}/{VMSTATE_NAME}", f"{FLAT}/{MEMORY_NAME}"]
+    manifest = json.loads(members[0][1])
+    assert manifest["chain"] == CHAIN and manifest["tag"] == FLAT
+    assert [f["path"] for f in manifest["files"]] == [ti.name for ti, _ in members[1:]]
+
+    dst = SnapshotStore(tmp_path / "dst")
+    res = unpack_chain(dst, archive)
+    assert (res.tags, res.registered, res.reused, res.replaced) == (CHAIN, CHAIN, [], [])
+    assert _snapshot_dirs(dst.root) == sorted(CHAIN)  # no staging left
+    for t in CHAIN:
+        snap = dst.open(t)
+        snap.check_files()
+        for p in src.path(t).iterdir():
+            if not p.name.startswith("."):
+                assert (dst.path(t) / p.name).read_bytes() == p.read_bytes(), p
+    assert not (dst.path(DELTA) / MEMORY_NAME).exists()
+    assert dst.open(DELTA).memory == dst.path(ROOT) / MEMORY_NAME
+
+    # the same pack again: every link is already here with the same files
+    inodes = {t: (dst.path(t) / VMSTATE_NAME).stat().st_ino for t in CHAIN}
+    res = unpack_chain(dst, archive)
+    assert (res.tags, res.registered, res.reused) == (CHAIN, [], CHAIN)
+    assert {t: (dst.path(t) / VMSTATE_NAME).stat().st_ino for t in CHAIN} == inodes
+    assert unpack(dst, archive) == CHAIN
+    assert _snapshot_dirs(dst.root) == sorted(CHAIN)
+
+
+def test_pack_a_delta_then_its_branch(chain_packed: tuple[SnapshotStore, Path], tmp_path: Path) -> None:
+    """A delta packs with its memory source; a later pack of the chain reuses what is already there."""
+    src, chain_archive = chain_packed
+    res = pack(src, DELTA, tmp_path / "mid.tar.zst")
+    assert res["chain"] == [ROOT, DELTA]
+    assert [f["path"] for f in res["files"]][-1] == f"{DELTA}/{VMSTATE_NAME}"
+    dst = SnapshotStore(tmp_path / "dst")
+    assert unpack(dst, tmp_path / "mid.tar.zst") == [ROOT, DELTA]
+    dst.open(DELTA).check_files()
+    res2 = unpack_chain(dst, chain_archive)
+    assert (res2.registered, res2.reused) == ([FLAT], [ROOT, DELTA])
+    for t in CHAIN:
+        dst.open(t).check_files()
+
+
+def test_pack_refuses_an_incomplete_chain(tmp_path: Path) -> None:
+    store = _make_chain(tmp_path / "src")
+    # the delta's memory source is not one of its ancestors
+    store.publish(_staged(store, "other"), _meta("other"))
+    meta = store.open(DELTA).meta
+    meta.memory_source, meta.depends_sha256 = "other", store.open("other").meta.files[MEMORY_NAME]["sha256"]
+    (store.path(DELTA) / META_NAME).write_text(json.dumps(meta.to_json()))
+    with pytest.raises(PackError, match="not one of its ancestors"):
+        pack(store, FLAT, tmp_path / "x.tar.zst")
+    # an ancestor deleted (with force): the chain cannot be packed whole
+    store.delete(DELTA)
+    with pytest.raises(PackError, match="depends on mid, which cannot be packed.*compact"):
+        pack(store, FLAT, tmp_path / "x.tar.zst")
+    assert list(tmp_path.glob("x.tar.zst*")) == []
+
+
+def test_chain_conflict_needs_force(chain_packed: tuple[SnapshotStore, Path], tmp_path: Path) -> None:
+    _, archive = chain_packed
+    dst = _make(tmp_path / "dst", ROOT, mem_size=MEM_SIZE // 2)  # another snapshot named base
+    old_mem = (dst.path(ROOT) / MEMORY_NAME).read_bytes()
+    kid = dst.stage("kid")  # a local delta made from the old base
+    (kid / VMSTATE_NAME).write_bytes(b"QEVM kid")
+    meta = _meta("kid")
+    meta.kind, meta.parent, meta.memory_source = "delta", ROOT, ROOT
+    meta.depends_sha256 = dst.open(ROOT).meta.files[MEMORY_NAME]["sha256"]
+    dst.publish(kid, meta)
+    with pytest.raises(PackError, match=r"base \(its memory.bin differs.*--force") as ei:
+        unpack(dst, archive)
+    assert isinstance(ei.value, SnapshotExistsError)
+    assert _snapshot_dirs(dst.root) == [ROOT, "kid"]  # nothing registered, nothing extracted
+    assert (dst.path(ROOT) / MEMORY_NAME).read_bytes() == old_mem
+
+    warnings: list[str] = []
+    res = unpack_chain(dst, archive, force=True, warn=warnings.append)
+    assert (res.registered, res.replaced, res.reused) == (CHAIN, [ROOT], [])
+    assert _snapshot_dirs(dst.root) == sorted([*CHAIN, "kid"])
+    for t in CHAIN:
+        dst.open(t).check_files()
+    assert any("base was replaced" in w and "kid" in w for w in warnings), warnings
+
+
+def test_chain_publish_failure_rolls_back(chain_packed: tuple[SnapshotStore, Path], tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Registering the last link fails: the links registered before it go, a replaced one comes back."""
+    _, archive = chain_packed
+    dst = _make(tmp_path / "dst", ROOT, mem_size=MEM_SIZE // 2)
+    old_meta = (dst.path(ROOT) / META_NAME).read_bytes()
+    real = packmod._publish
+
+    def failing(store: SnapshotStore, staging: Path, tag: str, replace: bool) -> Path | None:
+        if tag == FLAT:
+            raise PackError("disk on fire")
+        return real(store, staging, tag, replace)
+
+    monkeypatch.setattr(packmod, "_publish", failing)
+    with pytest.raises(PackError, match="disk on fire"):
+        unpack(dst, archive, force=True)
+    assert _snapshot_dirs(dst.root) == [ROOT]  # no mid, no staging or trash
+    assert (dst.path(ROOT) / META_NAME).read_bytes() == old_meta
+    dst.open(ROOT).check_files()
+
+
+def test_chain_rename_is_refused(chain_packed: tuple[SnapshotStore, Path], tmp_path: Path) -> None:
+    _, archive = chain_packed
+    dst = SnapshotStore(tmp_path / "dst")
+    with pytest.raises(PackError, match="--tag renames a single snapshot.*name each other by tag"):
+        unpack(dst, archive, tag="renamed")
+    assert _snapshot_dirs(dst.root) == []
+
+
+def _edit_link_meta(members: list[tuple[tarfile.TarInfo, bytes]], link: str,
+                    edit: object) -> list[tuple[tarfile.TarInfo, bytes]]:
+    """The members with ``link``'s snapshot.json edited, and the manifest made to agree with it."""
+    manifest = json.loads(members[0][1])
+    out = []
+    for ti, data in members[1:]:
+        if ti.name == f"{link}/{META_NAME}":
+            meta = json.loads(data)
+            edit(meta)  # type: ignore[operator]
+            ti, data = _reg(ti.name, json.dumps(meta).encode())
+            rec = next(r for r in manifest["files"] if r["path"] == ti.name)
+            rec.update(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+        out.append((ti, data))
+    return [_reg(MANIFEST_NAME, json.dumps(manifest).encode()), *out]
+
+
+def _chain_variants(members: list[tuple[tarfile.TarInfo, bytes]]) -> dict[str, tuple[list, str]]:
+    files = {ti.name: (ti, d) for ti, d in members[1:]}
+    root_mem = files[f"{ROOT}/{MEMORY_NAME}"][1]
+
+    def set_(key: str, value: object) -> object:
+        return lambda m: m.__setitem__(key, value)
+
+    def drop_root(m: dict) -> None:
+        m["chain"] = [DELTA, FLAT]
+        m["files"] = [f for f in m["files"] if not f["path"].startswith(f"{ROOT}/")]
+
+    def delta_memory(m: dict) -> None:
+        m["files"].append({"path": f"{DELTA}/{MEMORY_NAME}", "size": len(root_mem),
+                           "sha256": hashlib.sha256(root_mem).hexdigest()})
+
+    without_root = [ti_d for ti_d in members[1:] if not ti_d[0].name.startswith(f"{ROOT}/")]
+    return {
+        "depends_sha256": (_edit_link_meta(members, DELTA, set_("depends_sha256", "ab" * 32)),
+                           "delta mid depends on a memory.bin of base with sha256 abababab"),
+        "memory_source_later": (_edit_link_meta(members, DELTA, set_("memory_source", FLAT)),
+                                "not before it in the chain"),
+        "memory_source_none": (_edit_link_meta(members, DELTA, set_("memory_source", None)),
+                               "not before it in the chain"),
+        "parent": (_edit_link_meta(members, FLAT, set_("parent", ROOT)), "names 'base' as its parent"),
+        "root_parent": (_edit_link_meta(members, ROOT, set_("parent", "elsewhere")), "has parent 'elsewhere'"),
+        "delta_as_flat": (_edit_link_meta(members, DELTA, set_("kind", "flat")), "memory source"),
+        "unknown_kind": (_edit_link_meta(members, FLAT, set_("kind", "weird")), "unknown snapshot kind"),
+        "delta_with_memory": (_with_manifest([*members, _reg(f"{DELTA}/{MEMORY_NAME}", root_mem)], delta_memory),
+                              "lists a memory.bin for mid, a delta"),
+        "without_root": (_with_manifest([members[0], *without_root], drop_root), "has parent 'base'"),
+        "extra_delta_memory": ([*members, _reg(f"{DELTA}/{MEMORY_NAME}", root_mem)], "not in the manifest"),
+        "dotdot": ([*members, _reg(f"{DELTA}/../{ROOT}/{MEMORY_NAME}", b"x")], "escapes the target directory"),
+        "symlink": ([members[0], *[(_symlink(ti.name, "/etc/passwd") if ti.name == f"{DELTA}/{VMSTATE_NAME}"
+                                    else (ti, d)) for ti, d in members[1:]]], "symlink"),
+        "missing_flat_memory": (members[:-1], "missing from the archive"),
+    }
+
+
+def test_crafted_chain_archives_are_refused(chain_packed: tuple[SnapshotStore, Path], tmp_path: Path) -> None:
+    _, archive = chain_packed
+    members = _members(archive)
+    for name, (variant, match) in _chain_variants(members).items():
+        bad = _craft(tmp_path / f"{name}.tar.zst", variant)
+        dst = SnapshotStore(tmp_path / f"dst-{name}")
+        with pytest.raises(PackError, match=match):
+            unpack(dst, bad)
+        _nothing_registered(dst.root)
+    dst = SnapshotStore(tmp_path / "dst-ok")  # the crafting itself is sound
+    assert unpack(dst, _craft(tmp_path / "ok.tar.zst", members)) == CHAIN
+
+
+def test_damaged_chain_archive_is_refused(chain_packed: tuple[SnapshotStore, Path], tmp_path: Path) -> None:
+    _, archive = chain_packed
+    data = archive.read_bytes()
+    for i, where in enumerate([0.3, 0.6, 0.9, -10]):
+        pos = int(where * len(data)) if isinstance(where, float) else where % len(data)
+        flipped = bytearray(data)
+        flipped[pos] ^= 0xFF
+        for kind, bad in (("flip", bytes(flipped)), ("cut", data[:pos])):
+            path = tmp_path / f"{kind}{i}.tar.zst"
+            path.write_bytes(bad)
+            dst = SnapshotStore(tmp_path / f"dst-{kind}{i}")
+            with pytest.raises(PackError):
+                unpack(dst, path)
+            _nothing_registered(dst.root)
+
+
+def test_cli_unpack_chain(chain_packed: tuple[SnapshotStore, Path], tmp_path: Path,
+                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from forkd.cli.main import cli
+
+    src, archive = chain_packed
+    monkeypatch.setenv("FORKD_SNAPSHOT_ROOT", str(src.root))
+    r = CliRunner().invoke(cli, ["pack", "--tag", FLAT, "--out", str(tmp_path / "c.tar.zst")])
+    assert r.exit_code == 0 and "chain base -> mid -> leaf" in _flat(r.output), r.output
+    monkeypatch.setenv("FORKD_SNAPSHOT_ROOT", str(tmp_path / "dst"))
+    r = CliRunner().invoke(cli, ["unpack", str(archive)])
+    assert r.exit_code == 0, r.output
+    out = _flat(r.output)
+    assert all(f"{t}: registered" in out for t in CHAIN) and "unpacked base -> mid -> leaf" in out, out
+    r = CliRunner().invoke(cli, ["unpack", str(archive), "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output)
+    assert (res["tags"], res["registered"], res["reused"]) == (CHAIN, [], CHAIN)
+    r = CliRunner().invoke(cli, ["unpack", str(archive)])
+    assert r.exit_code == 0 and all(f"{t}: reused" in _flat(r.output) for t in CHAIN), r.output
+    r = CliRunner().invoke(cli, ["unpack", str(archive), "--tag", "x"])
+    assert r.exit_code == 1 and "--tag renames a single snapshot" in _flat(r.output), r.output

@@ -1,4 +1,5 @@
-"""``forkd pack`` and ``forkd unpack``: a snapshot as one portable ``.tar.zst`` file."""
+"""``forkd pack`` and ``forkd unpack``: a snapshot (with the chain it depends on) as one portable ``.tar.zst``
+file."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def _mib(n: int) -> str:
 
 
 @click.command("pack")
-@click.option("--tag", required=True, help="The snapshot to pack.")
+@click.option("--tag", required=True, help="The snapshot to pack (with every snapshot it depends on).")
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The file to write, e.g. TAG.tar.zst.")
 @click.option("--level", type=click.IntRange(1, 22), default=3, show_default=True, help="zstd compression level.")
@@ -45,7 +46,8 @@ def _mib(n: int) -> str:
 @json_option
 @handle_errors
 def pack_command(tag: str, out: Path, level: int, force: bool, as_json: bool) -> None:
-    """Pack snapshot TAG into one portable .tar.zst file (unpack it elsewhere with forkd unpack)."""
+    """Pack snapshot TAG, and the chain of snapshots it depends on, into one portable .tar.zst file
+    (unpack it elsewhere with forkd unpack)."""
     from forkd.engine.pack import pack
 
     store = make_engine().store
@@ -54,29 +56,37 @@ def pack_command(tag: str, out: Path, level: int, force: bool, as_json: bool) ->
     if as_json:
         print_json(res)
         return
-    console.print(f"packed {tag} into {out}: {_mib(res['bytes_in'])} -> {_mib(res['bytes_out'])} "
+    what = tag if len(res["chain"]) == 1 else f"{tag} (chain {' -> '.join(res['chain'])})"
+    console.print(f"packed {what} into {out}: {_mib(res['bytes_in'])} -> {_mib(res['bytes_out'])} "
                   f"({res['ratio']:.1f}x) in {res['seconds']:.1f} s", highlight=False)
 
 
 @click.command("unpack")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--tag", default=None, help="Register the snapshot under this tag instead of its own.")
-@click.option("--force", is_flag=True, help="Replace an existing snapshot with the same tag.")
+@click.option("--tag", default=None,
+              help="Register the snapshot under this tag instead of its own (a pack of one snapshot only).")
+@click.option("--force", is_flag=True, help="Replace existing snapshots with the same tags but other content.")
 @json_option
 @handle_errors
 def unpack_command(file: Path, tag: str | None, force: bool, as_json: bool) -> None:
-    """Verify a pack made by forkd pack and register its snapshot here."""
-    from forkd.engine.pack import unpack
+    """Verify a pack made by forkd pack and register its snapshots here (a chain: every link, root first;
+    a link already here with the same files is reused)."""
+    from forkd.engine.pack import unpack_chain
 
     store = make_engine().store
     warnings: list[str] = []
     t0 = time.monotonic()
     with byte_progress("unpack", not as_json) as cb:
-        tags = unpack(store, file, tag=tag, force=force, progress=cb, warn=warnings.append)
+        res = unpack_chain(store, file, tag=tag, force=force, progress=cb, warn=warnings.append)
     seconds = round(time.monotonic() - t0, 3)
     if as_json:
-        print_json({"tags": tags, "path": str(store.path(tags[-1])), "warnings": warnings, "seconds": seconds})
+        print_json({"tags": res.tags, "registered": res.registered, "reused": res.reused, "replaced": res.replaced,
+                    "path": str(store.path(res.tags[-1])), "warnings": warnings, "seconds": seconds})
         return
     for w in warnings:
         err_console.print(f"[bold yellow]warning:[/bold yellow] {w}", highlight=False)
-    console.print(f"unpacked {', '.join(tags)} into {store.root} in {seconds:.1f} s", highlight=False)
+    for t in res.tags:
+        how = ("reused (already here with the same files)" if t in res.reused
+               else "registered (replaced the one here)" if t in res.replaced else "registered")
+        console.print(f"{t}: {how}", highlight=False)
+    console.print(f"unpacked {' -> '.join(res.tags)} into {store.root} in {seconds:.1f} s", highlight=False)

@@ -1,19 +1,23 @@
-"""Portable snapshots: a snapshot directory packed into one ``.tar.zst`` file, and unpacked elsewhere.
+"""Portable snapshots: a snapshot and the chain it depends on packed into one ``.tar.zst`` file, and
+unpacked elsewhere.
 
 A pack is a tar stream compressed with zstd (one frame with a content checksum). Its first member is
 ``manifest.json``::
 
-    {"forkd_pack_version": 1, "forkd_version": "...", "created_at": 1700000000.0, "tag": "py",
-     "files": [{"path": "py/snapshot.json", "size": ..., "sha256": "..."}, ...], "chain": ["py"]}
+    {"forkd_pack_version": 1, "forkd_version": "...", "created_at": 1700000000.0, "tag": "py2",
+     "files": [{"path": "py/snapshot.json", "size": ..., "sha256": "..."}, ...], "chain": ["py", "py2"]}
 
-followed by the snapshot's files under ``<tag>/`` (``snapshot.json``, ``vmstate``, ``memory.bin``; never
-dotfiles). ``chain`` lists the snapshot directories the pack holds, root first (one for now). Memory
-images are tarred as regular files: zstd makes their zero runs cheap, and unpack writes them back
-sparse.
+``chain`` lists the snapshot directories the pack holds, root first, the packed snapshot (``tag``) last:
+its ancestors, so that the pack is self-contained. Each link's files follow under ``<link>/``
+(``snapshot.json``, ``vmstate``, and ``memory.bin`` unless the link is a delta, which maps the
+memory.bin of an earlier link; never dotfiles). Memory images are tarred as regular files: zstd makes
+their zero runs cheap, and unpack writes them back sparse.
 
-Unpacking never trusts the archive: members are read one by one from the stream into a staging
-directory, each must be a regular file listed in the manifest, each file's size and sha256 are checked
-while it is written, and the snapshot is registered (renamed into place) only once everything agrees.
+Unpacking never trusts the archive: members are read one by one from the stream into one staging
+directory per link, each must be a regular file listed in the manifest, each file's size and sha256
+are checked while it is written, every link's snapshot.json must agree with the manifest and with the
+chain (parents, memory sources and their hashes), and the links are registered (renamed into place,
+root first) only once everything agrees. A link already here with the same files is reused.
 Host compatibility (QEMU version, accelerator) is checked at restore time; unpack only warns.
 """
 
@@ -31,16 +35,24 @@ import shutil
 import tarfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, cast
 
 import zstandard
 
 from forkd import __version__
-from forkd.engine.snapshot import MEMORY_NAME, META_NAME, VMSTATE_NAME, SnapshotMeta, SnapshotStore
-from forkd.engine.verify import remember_verified
-from forkd.errors import ForkdError, PackError, SnapshotExistsError, ValidationError
+from forkd.engine.chain import ancestors
+from forkd.engine.snapshot import MEMORY_NAME, META_NAME, VMSTATE_NAME, Snapshot, SnapshotMeta, SnapshotStore
+from forkd.engine.verify import remember_verified, verify_sha256
+from forkd.errors import (
+    ForkdError,
+    PackError,
+    SnapshotExistsError,
+    SnapshotInvalidError,
+    SnapshotNotFoundError,
+    ValidationError,
+)
 from forkd.fsutil import atomic_write_json, fsync_dir
 from forkd.paths import validate_tag
 
@@ -48,7 +60,8 @@ log = logging.getLogger(__name__)
 
 PACK_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-SNAPSHOT_FILES = (META_NAME, VMSTATE_NAME, MEMORY_NAME)  # in archive order
+SNAPSHOT_FILES = (META_NAME, VMSTATE_NAME, MEMORY_NAME)  # in archive order (a delta has no memory.bin)
+KINDS = ("root", "flat", "delta")
 CHUNK = 1 << 20
 MAX_MANIFEST_BYTES = 1 << 20
 MAX_META_BYTES = 16 << 20
@@ -96,15 +109,83 @@ def _tarinfo(name: str, size: int, mtime: float) -> tarfile.TarInfo:
     return ti
 
 
+def _own_files(meta: SnapshotMeta) -> tuple[str, ...]:
+    """The files a snapshot directory holds besides snapshot.json: a delta has no memory.bin of its own."""
+    return (VMSTATE_NAME,) if meta.kind == "delta" else (VMSTATE_NAME, MEMORY_NAME)
+
+
+@dataclass
+class _PackLink:
+    snap: Snapshot
+    meta_bytes: bytes
+    records: list[dict[str, Any]]  # snapshot.json first, then the files of _own_files, in archive order
+
+
+def _pack_links(store: SnapshotStore, tag: str) -> list[_PackLink]:
+    """``tag`` and everything it depends on, root first, each checked against its snapshot.json and the
+    chain checked for self-containment (what unpack will require)."""
+    chain = [*ancestors(store, tag), tag]
+    snaps: list[Snapshot] = []
+    for t in chain:
+        try:
+            snaps.append(store.open(t))
+        except (SnapshotNotFoundError, SnapshotInvalidError) as e:
+            if t == tag:
+                raise
+            raise PackError(f"snapshot {tag} depends on {t}, which cannot be packed ({e}); a pack must hold the "
+                            f"whole chain: write a parentless copy with forkd snapshot compact {tag} --to NEW "
+                            "and pack that") from e
+    first = snaps[0].meta
+    if first.parent is not None:
+        raise PackError(f"snapshot {tag} depends on {snaps[0].tag}, whose parent {first.parent} is missing or "
+                        "invalid here, and a pack must hold the whole chain; write a parentless copy with "
+                        f"forkd snapshot compact {tag} --to NEW and pack that")
+    memory_sha: dict[str, str] = {}  # links with a memory.bin of their own
+    links: list[_PackLink] = []
+    for i, snap in enumerate(snaps):
+        t, m = snap.tag, snap.meta
+        if m.kind not in KINDS:
+            raise PackError(f"snapshot {t} is of kind {m.kind!r}; this forkd packs {', '.join(KINDS)}")
+        if m.kind == "delta":
+            src = m.memory_source
+            if src not in memory_sha:
+                raise PackError(f"snapshot {t} maps the memory.bin of {src}, which is not one of its ancestors "
+                                f"({' -> '.join(chain[:i])})")
+            if m.depends_sha256 != memory_sha[src]:
+                raise PackError(f"snapshot {t} depends on a memory.bin of {src} with sha256 "
+                                f"{str(m.depends_sha256)[:16]}..., {src}'s {META_NAME} records "
+                                f"{memory_sha[src][:16]}...")
+        snap.check_files()  # a delta's memory source too
+        meta_bytes = (snap.path / META_NAME).read_bytes()
+        try:
+            meta_now = SnapshotMeta.from_json(json.loads(meta_bytes))
+        except (ValueError, KeyError, TypeError) as e:
+            raise PackError(f"snapshot {t}: {META_NAME} changed while it was being packed: {e}") from e
+        if meta_now.to_json() != m.to_json():
+            raise PackError(f"snapshot {t}: {META_NAME} changed while it was being packed; try again")
+        records: list[dict[str, Any]] = [
+            {"path": f"{t}/{META_NAME}", "size": len(meta_bytes), "sha256": hashlib.sha256(meta_bytes).hexdigest()}]
+        for name in _own_files(m):
+            rec = m.files[name]
+            records.append({"path": f"{t}/{name}", "size": int(rec["size"]), "sha256": str(rec["sha256"])})
+        if m.kind != "delta":
+            memory_sha[t] = str(m.files[MEMORY_NAME]["sha256"])
+        links.append(_PackLink(snap, meta_bytes, records))
+    return links
+
+
 def pack(store: SnapshotStore, tag: str, out: Path, *, progress: ByteProgress | None = None, level: int = 3,
          force: bool = False) -> dict[str, Any]:
-    """Write snapshot ``tag`` to ``out`` (a ``.tar.zst``); return what was written.
+    """Write snapshot ``tag`` and every snapshot it depends on to ``out`` (a ``.tar.zst``); return what
+    was written.
 
-    The snapshot's files are checked against ``snapshot.json`` first (memory.bin through the verified-hash
-    cache), so the manifest can be written before the files; each file is hashed again while it is
-    streamed in, and a file that changed meanwhile fails the pack. Nothing is held in memory beyond
-    1 MiB chunks. The archive is written to ``<out>.partial`` and renamed; an existing ``out`` is only
-    replaced with ``force``. ``progress(done, total)`` counts uncompressed file bytes. The result has
+    The chain is ``tag``'s ancestors and ``tag``, root first; each link's files go under ``<link>/``
+    (a delta has no memory.bin: it maps that of an earlier link). Every link's files are checked against
+    its ``snapshot.json`` first (memory.bin through the verified-hash cache), so the manifest can be
+    written before the files; each file is hashed again while it is streamed in, and a file that changed
+    meanwhile fails the pack. Nothing is held in memory beyond 1 MiB chunks. The archive is written to
+    ``<out>.partial`` and renamed; an existing ``out`` is only replaced with ``force``.
+    ``progress(done, total)`` counts uncompressed file bytes. The result has ``chain`` (root first),
     ``bytes_in`` (uncompressed file bytes), ``bytes_out`` (archive size) and ``ratio`` (in / out).
     """
     if not isinstance(level, int) or not MIN_LEVEL <= level <= MAX_LEVEL:
@@ -115,29 +196,12 @@ def pack(store: SnapshotStore, tag: str, out: Path, *, progress: ByteProgress | 
     if out.exists() and not force:
         raise PackError(f"{out} already exists; use --force to overwrite it")
     t0 = time.monotonic()
-    snap = store.open(tag)
-    source = getattr(snap.meta, "memory_source", None)
-    if source or any(n not in snap.meta.files for n in (VMSTATE_NAME, MEMORY_NAME)):
-        raise PackError(f"snapshot {tag} has no memory.bin of its own"
-                        + (f" (it maps that of {source})" if source else "")
-                        + ": this forkd packs only snapshots that hold all their files")
-    snap.check_files()
-    meta_bytes = (snap.path / META_NAME).read_bytes()
-    try:
-        meta_now = SnapshotMeta.from_json(json.loads(meta_bytes))
-    except (ValueError, KeyError, TypeError) as e:
-        raise PackError(f"snapshot {tag}: {META_NAME} changed while it was being packed: {e}") from e
-    if meta_now.files != snap.meta.files or meta_now.tag != tag:
-        raise PackError(f"snapshot {tag}: {META_NAME} changed while it was being packed; try again")
-
-    records: list[dict[str, Any]] = [
-        {"path": f"{tag}/{META_NAME}", "size": len(meta_bytes), "sha256": hashlib.sha256(meta_bytes).hexdigest()}]
-    for name in (VMSTATE_NAME, MEMORY_NAME):
-        rec = snap.meta.files[name]
-        records.append({"path": f"{tag}/{name}", "size": int(rec["size"]), "sha256": str(rec["sha256"])})
+    links = _pack_links(store, tag)
+    chain = [link.snap.tag for link in links]
+    records = [rec for link in links for rec in link.records]
     created_at = time.time()
     manifest = {"forkd_pack_version": PACK_VERSION, "forkd_version": __version__, "created_at": created_at,
-                "tag": tag, "files": records, "chain": [tag]}
+                "tag": tag, "files": records, "chain": chain}
     manifest_bytes = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
 
     total = sum(r["size"] for r in records)
@@ -159,24 +223,28 @@ def pack(store: SnapshotStore, tag: str, out: Path, *, progress: ByteProgress | 
                     tarfile.open(fileobj=zw, mode="w|", format=tarfile.PAX_FORMAT, bufsize=CHUNK,  # type: ignore[call-overload]
                                  copybufsize=CHUNK) as tar:
                 tar.addfile(_tarinfo(MANIFEST_NAME, len(manifest_bytes), created_at), io.BytesIO(manifest_bytes))
-                tar.addfile(_tarinfo(records[0]["path"], len(meta_bytes), created_at), io.BytesIO(meta_bytes))
-                advance(len(meta_bytes))
-                for rec, name in zip(records[1:], (VMSTATE_NAME, MEMORY_NAME), strict=True):
-                    src = snap.path / name
-                    with open(src, "rb") as sf:
-                        st = os.fstat(sf.fileno())
-                        if st.st_size != rec["size"]:
-                            raise PackError(f"snapshot {tag}: {name} changed size while it was being packed")
-                        reader = _HashingReader(sf, advance)
-                        try:
-                            tar.addfile(_tarinfo(rec["path"], rec["size"], st.st_mtime), cast(IO[bytes], reader))
-                        except OSError as e:
-                            if "unexpected end of data" not in str(e):
-                                raise
-                            raise PackError(f"snapshot {tag}: {name} shrank while it was being packed") from e
-                    if reader.h.hexdigest() != rec["sha256"]:
-                        raise PackError(f"snapshot {tag}: {name} changed while it was being packed "
-                                        "(its sha256 no longer matches snapshot.json)")
+                for link in links:
+                    t = link.snap.tag
+                    tar.addfile(_tarinfo(link.records[0]["path"], len(link.meta_bytes), created_at),
+                                io.BytesIO(link.meta_bytes))
+                    advance(len(link.meta_bytes))
+                    for rec, name in zip(link.records[1:], _own_files(link.snap.meta), strict=True):
+                        src = link.snap.path / name
+                        with open(src, "rb") as sf:
+                            st = os.fstat(sf.fileno())
+                            if st.st_size != rec["size"]:
+                                raise PackError(f"snapshot {t}: {name} changed size while it was being packed")
+                            reader = _HashingReader(sf, advance)
+                            try:
+                                tar.addfile(_tarinfo(rec["path"], rec["size"], st.st_mtime),
+                                            cast(IO[bytes], reader))
+                            except OSError as e:
+                                if "unexpected end of data" not in str(e):
+                                    raise
+                                raise PackError(f"snapshot {t}: {name} shrank while it was being packed") from e
+                        if reader.h.hexdigest() != rec["sha256"]:
+                            raise PackError(f"snapshot {t}: {name} changed while it was being packed "
+                                            "(its sha256 no longer matches snapshot.json)")
             f.flush()
             os.fsync(f.fileno())
         if not force and out.exists():
@@ -190,7 +258,7 @@ def pack(store: SnapshotStore, tag: str, out: Path, *, progress: ByteProgress | 
         raise
     fsync_dir(out.parent)
     bytes_out = out.stat().st_size
-    return {"tag": tag, "path": str(out), "chain": [tag], "files": records, "level": level,
+    return {"tag": tag, "path": str(out), "chain": chain, "files": records, "level": level,
             "bytes_in": total, "bytes_out": bytes_out, "ratio": round(total / bytes_out, 2) if bytes_out else 0.0,
             "seconds": round(time.monotonic() - t0, 3)}
 
@@ -325,9 +393,6 @@ def _parse_manifest(data: bytes) -> tuple[str, list[str], dict[str, _Entry]]:
         raise PackError(f"corrupt archive: {MANIFEST_NAME}: {e}") from e
     if len(set(chain)) != len(chain) or chain[-1] != tag:
         raise PackError(f"corrupt archive: {MANIFEST_NAME}: chain {chain!r} does not end with its tag {tag!r}")
-    if len(chain) != 1:
-        raise PackError(f"this pack holds a chain of {len(chain)} snapshots ({' -> '.join(chain)}); "
-                        f"this forkd {__version__} unpacks single snapshots only")
     if not isinstance(files, list):
         raise PackError(f"corrupt archive: {MANIFEST_NAME} has no file list")
     entries: dict[str, _Entry] = {}
@@ -347,10 +412,11 @@ def _parse_manifest(data: bytes) -> tuple[str, list[str], dict[str, _Entry]]:
         if parts[1] == META_NAME and size > MAX_META_BYTES:
             raise PackError(f"corrupt archive: {path} is {size} bytes (at most {MAX_META_BYTES})")
         entries[path] = _Entry(path, parts[0], parts[1], size, digest)
-    for t in chain:
-        missing = [n for n in SNAPSHOT_FILES if f"{t}/{n}" not in entries]
+    for t in chain:  # memory.bin depends on the link's kind: _check_meta
+        missing = [n for n in (META_NAME, VMSTATE_NAME) if f"{t}/{n}" not in entries]
         if missing:
-            raise PackError(f"corrupt archive: {MANIFEST_NAME} lists no {', '.join(missing)} for snapshot {t}")
+            raise PackError(f"corrupt archive: {MANIFEST_NAME} lists no {', '.join(missing)} for {t}, "
+                            "a snapshot of its chain")
     return tag, chain, entries
 
 
@@ -378,18 +444,20 @@ def _check_member(ti: tarfile.TarInfo, entries: dict[str, _Entry], seen: set[str
     return entry
 
 
-def _extract(src: IO[bytes], dest: Path, entry: _Entry) -> None:
+def _extract(src: IO[bytes], dest: Path | None, entry: _Entry) -> None:
     """Copy one member's bytes to ``dest`` (new file), leaving all-zero 4 KiB blocks as holes; check the
-    size and sha256 against the manifest."""
+    size and sha256 against the manifest. ``dest`` None: only check them (a link already here)."""
     h = hashlib.sha256()
     n = 0
-    with open(dest, "xb") as f:
+    with open(dest, "xb") if dest is not None else contextlib.nullcontext() as f:
         while True:
             b = src.read(CHUNK)
             if not b:
                 break
             h.update(b)
             n += len(b)
+            if f is None:
+                continue
             if b == _ZERO_CHUNK:
                 f.seek(len(b), os.SEEK_CUR)
                 continue
@@ -402,9 +470,10 @@ def _extract(src: IO[bytes], dest: Path, entry: _Entry) -> None:
                     start = i + SPARSE_BLOCK
             if start < len(b):
                 f.write(b[start:])
-        f.truncate(n)
-        f.flush()
-        os.fsync(f.fileno())
+        if f is not None:
+            f.truncate(n)
+            f.flush()
+            os.fsync(f.fileno())
     if n != entry.size:
         raise _truncated(f"{entry.path} ends after {n} of {entry.size} bytes")
     if h.hexdigest() != entry.sha256:
@@ -412,14 +481,50 @@ def _extract(src: IO[bytes], dest: Path, entry: _Entry) -> None:
                         f"({h.hexdigest()[:16]}... != {entry.sha256[:16]}...)")
 
 
-def _check_meta(staging: Path, tag: str, entries: dict[str, _Entry]) -> SnapshotMeta:
+def _check_meta(staging: Path, chain: list[str], tag: str, entries: dict[str, _Entry]) -> SnapshotMeta:
+    """The link's snapshot.json, checked against the manifest and the chain: the first link has no
+    parent, every other one's parent is the link before it, a delta maps the memory.bin of an earlier
+    link, whose sha256 in the manifest is the one the delta records."""
     try:
         meta = SnapshotMeta.from_json(json.loads((staging / META_NAME).read_bytes()))
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise PackError(f"corrupt archive: {tag}/{META_NAME} is invalid: {e}") from e
     if meta.tag != tag:
         raise PackError(f"corrupt archive: {tag}/{META_NAME} says its tag is {meta.tag!r}")
-    for name in (VMSTATE_NAME, MEMORY_NAME):
+    if meta.kind not in KINDS:
+        raise PackError(f"corrupt archive: {tag}/{META_NAME}: unknown snapshot kind {meta.kind!r} (this forkd "
+                        f"{__version__} knows {', '.join(KINDS)})")
+    i = chain.index(tag)
+    if i == 0 and meta.parent is not None:
+        raise PackError(f"incomplete archive: its first snapshot, {tag}, has parent {meta.parent!r}, which the "
+                        "pack does not hold (a pack must hold the whole chain)")
+    if i > 0 and meta.parent != chain[i - 1]:
+        raise PackError(f"corrupt archive: {tag}/{META_NAME} names {meta.parent!r} as its parent, the chain "
+                        f"{' -> '.join(chain)} puts {chain[i - 1]} before it")
+    own_memory = entries.get(f"{tag}/{MEMORY_NAME}")
+    if meta.kind == "delta":
+        src = meta.memory_source
+        if src not in chain[:i]:
+            raise PackError(f"corrupt archive: delta {tag} maps the memory.bin of {src!r}, which is not before it "
+                            f"in the chain {' -> '.join(chain)}")
+        source_memory = entries.get(f"{src}/{MEMORY_NAME}")
+        if source_memory is None:
+            raise PackError(f"corrupt archive: delta {tag} maps the memory.bin of {src}, which has none in the pack")
+        if meta.depends_sha256 != source_memory.sha256:
+            raise PackError(f"corrupt archive: delta {tag} depends on a memory.bin of {src} with sha256 "
+                            f"{str(meta.depends_sha256)[:16]}..., the pack's has sha256 "
+                            f"{source_memory.sha256[:16]}...")
+        if own_memory is not None:
+            raise PackError(f"corrupt archive: {MANIFEST_NAME} lists a {MEMORY_NAME} for {tag}, a delta (it maps "
+                            f"that of {src})")
+    else:
+        if meta.memory_source is not None or meta.depends_sha256 is not None:
+            raise PackError(f"corrupt archive: {tag}/{META_NAME}: a {meta.kind} snapshot with a memory source "
+                            f"({meta.memory_source!r})")
+        if own_memory is None:
+            raise PackError(f"corrupt archive: {MANIFEST_NAME} lists no {MEMORY_NAME} for {tag}, a {meta.kind} "
+                            "snapshot")
+    for name in _own_files(meta):
         rec, entry = meta.files.get(name) or {}, entries[f"{tag}/{name}"]
         if rec.get("size") != entry.size or rec.get("sha256") != entry.sha256:
             raise PackError(f"corrupt archive: {tag}/{META_NAME} records {name} as {rec.get('size')} bytes, "
@@ -451,39 +556,120 @@ def compat_warnings(meta: SnapshotMeta) -> list[str]:
     return out
 
 
-def _publish(store: SnapshotStore, staging: Path, tag: str, force: bool) -> None:
+class PackConflictError(PackError, SnapshotExistsError):
+    """A snapshot of the pack's chain already exists here with other content (and force was not given)."""
+
+
+def _local_difference(store: SnapshotStore, local: str, link: str, entries: dict[str, _Entry]
+                      ) -> tuple[SnapshotMeta | None, str | None]:
+    """(the local snapshot's metadata, None) if snapshot ``local`` here holds the same files as the pack's
+    ``link`` (same sizes and sha256 of vmstate and memory.bin per its snapshot.json, and its files still
+    match them); otherwise (metadata or None, why not)."""
+    path = store.path(local)
+    try:
+        meta = SnapshotMeta.from_json(json.loads((path / META_NAME).read_bytes()))
+    except FileNotFoundError:
+        return None, f"it has no {META_NAME}"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return None, f"its {META_NAME} is unreadable ({e})"
+    mine = {name: meta.files.get(name) or {} for name in _own_files(meta)}
+    theirs = {name: entries[f"{link}/{name}"] for name in (VMSTATE_NAME, MEMORY_NAME) if f"{link}/{name}" in entries}
+    if mine.keys() != theirs.keys():
+        return meta, (f"it {'has' if MEMORY_NAME in mine else 'has no'} memory.bin of its own, the pack's "
+                      f"{'has' if MEMORY_NAME in theirs else 'has none'}")
+    for name, entry in theirs.items():
+        rec = mine[name]
+        if rec.get("size") != entry.size or rec.get("sha256") != entry.sha256:
+            return meta, (f"its {name} differs (sha256 {str(rec.get('sha256'))[:16]}... here, "
+                          f"{entry.sha256[:16]}... in the pack)")
+    try:
+        for name, entry in theirs.items():
+            size = (path / name).stat().st_size
+            if size != entry.size:
+                return meta, f"its {name} is damaged ({size} bytes, {META_NAME} records {entry.size})"
+            verify_sha256(path / name, entry.sha256, f"snapshot {local}")
+    except (OSError, SnapshotInvalidError) as e:
+        return meta, f"its files are damaged: {e}"
+    return meta, None
+
+
+def _same_place_in_chain(local: SnapshotMeta, packed: SnapshotMeta) -> str | None:
+    """Why ``local`` (same files as ``packed``) is still not the same snapshot, or None."""
+    for field_ in ("kind", "parent", "memory_source", "depends_sha256"):
+        a, b = getattr(local, field_), getattr(packed, field_)
+        if a != b:
+            return f"its {field_} is {a!r} here, {b!r} in the pack"
+    return None
+
+
+def _publish(store: SnapshotStore, staging: Path, tag: str, replace: bool) -> Path | None:
+    """Rename ``staging`` into place as snapshot ``tag``. ``replace``: an existing one is renamed away
+    first, and its new path (to delete, or to put back) is returned."""
     final = store.path(tag)
-    if final.exists():
-        if not force:
-            raise SnapshotExistsError(f"snapshot {tag} already exists; use --force to replace it or --tag to "
-                                      "unpack it under another name")
+    if replace and (final.exists() or final.is_symlink()):
         trash = store.root / f".deleting-{tag}-{secrets.token_hex(4)}"
         os.rename(final, trash)
         try:
             os.rename(staging, final)
-        except OSError:
+        except OSError as e:
             with contextlib.suppress(OSError):
                 os.rename(trash, final)
-            raise
+            raise PackError(f"cannot register snapshot {tag}: {e}") from e
         fsync_dir(store.root)
-        shutil.rmtree(trash, ignore_errors=True)
-        return
+        return trash
     try:
         os.rename(staging, final)  # fails if the target appeared and is not empty
     except OSError as e:
-        raise SnapshotExistsError(f"snapshot {tag} appeared while it was being unpacked: {e}") from e
+        raise PackConflictError(f"snapshot {tag} appeared while the pack was being unpacked: {e}") from e
     fsync_dir(store.root)
+    return None
+
+
+def _unpublish(store: SnapshotStore, tag: str, replaced: Path | None) -> None:
+    """Undo ``_publish``: remove the snapshot it registered and put back the one it replaced."""
+    final = store.path(tag)
+    junk = store.root / f".deleting-{tag}-{secrets.token_hex(4)}"
+    try:
+        os.rename(final, junk)
+        if replaced is not None:
+            os.rename(replaced, final)
+    except OSError as e:
+        log.error("unpack: cannot roll back snapshot %s: %s", tag, e)
+    shutil.rmtree(junk, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        fsync_dir(store.root)
+
+
+@dataclass
+class UnpackResult:
+    tags: list[str]  # the pack's chain as it now is here, root first (the pack's snapshot last)
+    registered: list[str] = field(default_factory=list)  # written by this unpack (new or replaced)
+    reused: list[str] = field(default_factory=list)  # already here with the same files: left as they were
+    replaced: list[str] = field(default_factory=list)  # among registered: were here with other content (force)
 
 
 def unpack(store: SnapshotStore, archive: Path, *, tag: str | None = None, force: bool = False,
            progress: ByteProgress | None = None, warn: Callable[[str], None] | None = None) -> list[str]:
-    """Unpack a pack into ``store``; return the tags registered (root first).
+    """Unpack a pack into ``store``; return the tags of its chain, root first (the packed snapshot last),
+    whether registered now or already here. ``unpack_chain`` says which were which."""
+    return unpack_chain(store, archive, tag=tag, force=force, progress=progress, warn=warn).tags
 
-    ``tag`` registers the snapshot under another name (its snapshot.json is rewritten); an existing
-    snapshot of that name is replaced only with ``force``. A corrupt, truncated or unsafe archive
-    raises PackError and registers nothing. ``warn`` receives a message for each reason this host would
-    refuse to restore the snapshot (another QEMU version or accelerator); by default they are logged.
-    ``progress(done, total)`` counts compressed bytes read.
+
+def unpack_chain(store: SnapshotStore, archive: Path, *, tag: str | None = None, force: bool = False,
+                 progress: ByteProgress | None = None, warn: Callable[[str], None] | None = None) -> UnpackResult:
+    """Unpack a pack (a snapshot and the chain it depends on) into ``store``.
+
+    Each link of the chain is extracted into a staging directory of its own and checked (sizes, sha256,
+    snapshot.json against the manifest and against the chain); only when every link agrees are they
+    registered, root first. A link whose tag exists here with the same files is reused as it is; with
+    other content the unpack is refused (PackConflictError, before anything is extracted) unless
+    ``force``, which replaces it. If registering a later link fails, the links registered before it are
+    removed again (replaced ones put back). ``tag`` registers the snapshot under another name (its
+    snapshot.json is rewritten): only for a pack of one snapshot, since the links of a chain name each
+    other by tag. A corrupt, truncated or unsafe archive raises PackError and registers nothing.
+    ``warn`` receives a message for each reason this host would refuse to restore the snapshots (another
+    QEMU version or accelerator), and for snapshots here that depended on a replaced one; by default they
+    are logged. ``progress(done, total)`` counts compressed bytes read.
     """
     archive = Path(archive)
     if tag is not None:
@@ -492,7 +678,7 @@ def unpack(store: SnapshotStore, archive: Path, *, tag: str | None = None, force
         f = open(archive, "rb")  # noqa: SIM115 - closed in the finally below
     except OSError as e:
         raise PackError(f"cannot read {archive}: {e.strerror or e}") from e
-    staging: Path | None = None
+    stagings: dict[str, Path] = {}  # pack tag -> staging directory not (yet) registered
     try:
         size = os.fstat(f.fileno()).st_size
         check_zstd_frames(f, size)
@@ -510,25 +696,60 @@ def unpack(store: SnapshotStore, archive: Path, *, tag: str | None = None, force
                     raise PackError(f"not a forkd pack: {archive} does not start with a {MANIFEST_NAME}")
                 mf = tar.extractfile(first)
                 assert mf is not None
-                pack_tag, _chain, entries = _parse_manifest(mf.read(first.size))
+                pack_tag, chain, entries = _parse_manifest(mf.read(first.size))
                 # everything after the manifest: the files, a header (+ pax header) each, the end blocks
                 limited.limit = (limited.pos + sum(e.size for e in entries.values()) + len(entries) * (64 << 10)
                                  + (1 << 20))
-                target = tag or pack_tag
-                validate_tag(target)
-                if store.exists(target) and not force:
-                    raise SnapshotExistsError(f"snapshot {target} already exists; use --force to replace it or "
-                                              "--tag to unpack it under another name")
+                if tag is not None and len(chain) > 1:
+                    raise PackError(f"--tag renames a single snapshot; this pack holds a chain of {len(chain)} "
+                                    f"({' -> '.join(chain)}) whose snapshots name each other by tag (parent, "
+                                    "memory source), so they keep their own tags: unpack it without --tag")
+                names = {t: tag if tag is not None else t for t in chain}  # pack tag -> tag here
+                # the links already here: the same snapshot (reuse), or a conflict (refused, or replaced)
+                plan: dict[str, str] = {t: "new" for t in chain}
+                local_metas: dict[str, SnapshotMeta] = {}
+                conflicts: list[str] = []
+                for t in chain:
+                    if not (store.path(names[t]).exists() or store.path(names[t]).is_symlink()):
+                        continue
+                    local_meta, why = _local_difference(store, names[t], t, entries)
+                    if why is None:
+                        assert local_meta is not None
+                        plan[t], local_metas[t] = "reuse", local_meta
+                    else:
+                        plan[t] = "replace"
+                        conflicts.append(f"{names[t]} ({why})")
+                if conflicts and not force:
+                    raise PackConflictError(
+                        f"snapshot{'s' if len(conflicts) > 1 else ''} {'; '.join(conflicts)} already "
+                        f"exist{'' if len(conflicts) > 1 else 's'} here and differ from the pack's; use --force to "
+                        "replace " + ("them" if len(conflicts) > 1 else "it")
+                        + (" or --tag to unpack it under another name" if len(chain) == 1 else ""))
                 store.root.mkdir(parents=True, exist_ok=True)
-                staging = store.root / f".staging-{target}-{os.getpid()}-{secrets.token_hex(4)}"
-                staging.mkdir(mode=0o755)
+                for t in chain:
+                    stagings[t] = store.root / f".staging-{names[t]}-{os.getpid()}-{secrets.token_hex(4)}"
+                    stagings[t].mkdir(mode=0o755)
+                metas: dict[str, SnapshotMeta] = {}
                 seen: set[str] = set()
                 while (ti := tar.next()) is not None:
                     entry = _check_member(ti, entries, seen)
                     seen.add(ti.name)
                     src = tar.extractfile(ti)
                     assert src is not None
-                    _extract(src, staging / entry.name, entry)
+                    # a link kept as it is here: its files are only checked, not written
+                    keep = plan[entry.dir] == "reuse" and entry.dir in metas
+                    _extract(src, None if keep else stagings[entry.dir] / entry.name, entry)
+                    if entry.name != META_NAME:
+                        continue
+                    meta = metas[entry.dir] = _check_meta(stagings[entry.dir], chain, entry.dir, entries)
+                    if plan[entry.dir] == "reuse":
+                        why = _same_place_in_chain(local_metas[entry.dir], meta)
+                        if why is not None and not force:
+                            raise PackConflictError(
+                                f"snapshot {names[entry.dir]} already exists here with the same files but is not "
+                                f"the pack's ({why}); use --force to replace it")
+                        if why is not None:
+                            plan[entry.dir] = "replace"
                 missing = sorted(set(entries) - seen)
                 if missing:
                     raise _truncated(f"{', '.join(missing)} listed in the manifest but missing from the archive")
@@ -542,21 +763,66 @@ def unpack(store: SnapshotStore, archive: Path, *, tag: str | None = None, force
             if isinstance(e, ForkdError):
                 raise
             raise PackError(f"corrupt archive: {e}") from e
-        meta = _check_meta(staging, pack_tag, entries)
-        if target != pack_tag:
-            meta.tag = target
-            atomic_write_json(staging / META_NAME, meta.to_json())
-        fsync_dir(staging)
-        _publish(store, staging, target, force)
-        staging = None
-        final = store.path(target)
-        for name in (VMSTATE_NAME, MEMORY_NAME):  # hashed while extracting: no re-hash at the first spawn
-            with contextlib.suppress(OSError):
-                remember_verified(final / name, entries[f"{pack_tag}/{name}"].sha256)
+        if tag is not None and tag != pack_tag:
+            metas[pack_tag].tag = tag
+            atomic_write_json(stagings[pack_tag] / META_NAME, metas[pack_tag].to_json())
+        result = UnpackResult(tags=[names[t] for t in chain])
+        for t in chain:
+            if plan[t] != "reuse":
+                fsync_dir(stagings[t])
+        published: list[tuple[str, Path | None]] = []  # (tag here, the replaced copy)
+        try:
+            for t in chain:  # root first: a link is never there without the ones it depends on
+                if plan[t] == "reuse":
+                    if not store.path(names[t]).is_dir():
+                        raise PackError(f"snapshot {names[t]} was removed while the pack was being unpacked")
+                    result.reused.append(names[t])
+                    continue
+                replaced = _publish(store, stagings[t], names[t], replace=plan[t] == "replace")
+                del stagings[t]
+                published.append((names[t], replaced))
+                result.registered.append(names[t])
+                if plan[t] == "replace":
+                    result.replaced.append(names[t])
+        except BaseException:
+            for local, replaced in reversed(published):
+                _unpublish(store, local, replaced)
+            raise
+        for _, replaced in published:
+            if replaced is not None:
+                shutil.rmtree(replaced, ignore_errors=True)
+        for t in chain:  # hashed while extracting: no re-hash at the first spawn
+            if names[t] in result.registered:
+                for name in _own_files(metas[t]):
+                    with contextlib.suppress(OSError):
+                        remember_verified(store.path(names[t]) / name, entries[f"{t}/{name}"].sha256)
     finally:
         f.close()
-        if staging is not None:
+        for staging in stagings.values():
             shutil.rmtree(staging, ignore_errors=True)
-    for msg in compat_warnings(meta):
+    messages = _orphan_warnings(store, result) if result.replaced else []
+    checked: set[tuple[str | None, str]] = set()
+    for t in reversed(chain):  # the packed snapshot first: it names the problem
+        key = (metas[t].qemu.get("version"), metas[t].spec.accel)
+        if key not in checked:
+            checked.add(key)
+            messages += compat_warnings(metas[t])
+    for msg in messages:
         (warn or log.warning)(msg)
-    return [target]
+    return result
+
+
+def _orphan_warnings(store: SnapshotStore, result: UnpackResult) -> list[str]:
+    """Snapshots here (outside the pack) made from a snapshot the unpack replaced."""
+    out: list[str] = []
+    users: dict[str, list[str]] = {t: [] for t in result.replaced}
+    for t, snap, _err in store.list():
+        if snap is None or t in result.tags:
+            continue
+        for dep in {snap.meta.parent, snap.meta.memory_source} & users.keys():
+            users[str(dep)].append(t)
+    for t, deps in users.items():
+        if deps:
+            out.append(f"snapshot {t} was replaced; {', '.join(sorted(set(deps)))} here were made from the old one "
+                       "(a delta among them no longer restores)")
+    return out
