@@ -31,6 +31,10 @@ class SnapshotExistsError(ForkdError):
     """A snapshot with that tag already exists."""
 
 
+class BusyError(ForkdError):
+    """A conflicting operation on the same object is in progress (e.g. a second branch of one sandbox)."""
+
+
 class DependentsError(ForkdError):
     """The snapshot has dependent snapshots (branches of it) and neither cascade nor force was given."""
 

@@ -6,6 +6,7 @@ per machine) and creates one snapshot in a temporary FORKD_HOME; tests fork chil
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -30,12 +31,27 @@ def forkd_home() -> Iterator[Path]:
     os.environ.pop("FORKD_SNAPSHOT_ROOT", None)
     os.environ.pop("FORKD_RUN_DIR", None)
     yield home
+    kill_vms_under(home)
     for k, v in old.items():
         if v is None:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
     shutil.rmtree(home, ignore_errors=True)
+
+
+def kill_vms_under(home: Path) -> None:
+    """Kill every QEMU whose memory file lives under ``home`` (a failed test must not leak VMs)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if args and args[0].endswith(b"qemu-system-x86_64") and any(str(home).encode() in a for a in args):
+            with contextlib.suppress(OSError):
+                os.kill(int(proc.name), 9)
 
 
 @pytest.fixture(scope="session")

@@ -282,3 +282,32 @@ def test_a_second_daemon_on_the_same_state_is_refused_and_harms_nothing(daemon: 
         assert c.post(f"/v1/sandboxes/{sid}/ping").status_code == 200
         assert sid in json.loads(daemon.state.read_text())["sandboxes"]
         c.delete(f"/v1/sandboxes/{sid}")
+
+
+def test_branch_through_the_api(daemon: Daemon, snapshot: str) -> None:
+    with daemon.client() as c:
+        (sid,) = spawn(c, snapshot)
+        c.post(f"/v1/sandboxes/{sid}/run_code", json={"code": "gen = 'one'"})
+        r = c.post(f"/v1/sandboxes/{sid}/branch", json={"tag": "api-br1", "mode": "delta"})
+        assert r.status_code == 201, r.text
+        b = r.json()
+        assert b["mode"] == "delta" and b["pause_ms"] > 0 and b["bytes_written"] > 0
+        assert c.post(f"/v1/sandboxes/{sid}/branch", json={"tag": "api-br1"}).status_code == 409
+        r = c.post(f"/v1/sandboxes/{sid}/branch", json={"tag": "api-br2", "mode": "flat", "wait": False})
+        assert r.status_code == 202 and r.json()["status"] == "writing"
+        deadline = time.monotonic() + 300
+        while c.get("/v1/snapshots/api-br2/info").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        (g,) = spawn(c, "api-br1")
+        assert c.post(f"/v1/sandboxes/{g}/eval", json={"expr": "gen"}).json()["value"] == "one"
+        assert c.post(f"/v1/sandboxes/{sid}/ping").status_code == 200  # the source keeps running
+        info = c.get("/v1/snapshots/api-br1/info").json()
+        assert info["depth"] == 1 and info["ancestors"] == [snapshot] and info["kind"] == "delta"
+        assert "api-br1" in c.get(f"/v1/snapshots/{snapshot}/info").json()["dependents"]
+        r = c.post("/v1/snapshots/api-br1/compact", json={"to": "api-br1c"})
+        assert r.status_code == 201 and r.json()["kind"] == "root" and r.json()["parent"] is None
+        for s in (sid, g):
+            c.delete(f"/v1/sandboxes/{s}")
+        assert c.delete("/v1/snapshots/api-br1?cascade=true&force=true").status_code == 400
+        for t in ("api-br1", "api-br2", "api-br1c"):
+            assert c.delete(f"/v1/snapshots/{t}").status_code == 204

@@ -19,6 +19,7 @@ from forkd.daemon.service import Busy, Conflict, Controller, NotFound
 from forkd.errors import (
     AgentError,
     AgentTimeoutError,
+    BusyError,
     DependentsError,
     ForkdError,
     SnapshotExistsError,
@@ -42,7 +43,7 @@ def status_for(exc: Exception) -> int:
         return 503
     if isinstance(exc, (NotFound, SnapshotNotFoundError)):
         return 404
-    if isinstance(exc, (Conflict, SnapshotExistsError, SnapshotInvalidError, DependentsError)):
+    if isinstance(exc, (Conflict, SnapshotExistsError, SnapshotInvalidError, DependentsError, BusyError)):
         return 409
     if isinstance(exc, ValidationError):
         return 400

@@ -133,7 +133,11 @@ def branch(store: SnapshotStore, child: Child, source: Snapshot, tag: str, mode:
         try:
             pages, buf, pause = capture(child, base, staging / "devices.state")
         except (VMError, ChannelClosedError, OSError) as e:
-            status = child.vm.exit_status()
+            status = None
+            for _ in range(100):  # a killed QEMU takes a few ms to be reaped after its threads exit
+                if (status := child.vm.exit_status()) is not None:
+                    break
+                time.sleep(0.01)
             why = f"it exited ({status})" if status else str(e)
             raise SnapshotError(f"branch of sandbox {child.id} failed: {why}; no snapshot was written") from e
         dirty = sum(len(v) for _, v in pages)

@@ -28,7 +28,8 @@ def ancestors(store: SnapshotStore, tag: str) -> list[str]:
         try:
             cur = store.open(cur).meta.parent
         except ForkdLookupErrors:
-            break  # a parent deleted with force: the chain stops there
+            out.pop()  # a parent deleted with force: the chain stops before it
+            break
     return list(reversed(out))
 
 
@@ -60,7 +61,8 @@ def delete(store: SnapshotStore, tag: str, *, cascade: bool = False, force: bool
     Returns the tags deleted."""
     if cascade and force:
         raise ValidationError("cascade and force cannot be used together")
-    store.open(tag)
+    if not store.path(tag).is_dir():  # not store.open: a broken or orphaned snapshot must stay deletable
+        raise SnapshotNotFoundError(f"snapshot {tag} not found in {store.root}")
     deps = dependents(store, tag)
     if deps and not (cascade or force):
         raise DependentsError(f"snapshot {tag} has {len(deps)} dependent snapshot(s): {', '.join(deps)}; "

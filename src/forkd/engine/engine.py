@@ -53,6 +53,7 @@ class Engine:
         self.run_dir = Path(run_dir) if run_dir is not None else default_run_dir()
         self._accel_request = accel
         self._pools: dict[str, Pool] = {}
+        self._branching: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
 
     @functools.cached_property
@@ -110,8 +111,11 @@ class Engine:
         from forkd.engine.branch import branch
 
         tag = validate_tag(tag) if tag is not None else f"br-{child.id[3:]}-{secrets.token_hex(4)}"
-        source = self.store.open(child.snapshot)
-        return branch(self.store, child, source, tag, mode)
+        with self._lock:
+            lock = self._branching.setdefault(child.id, threading.Lock())
+        with lock:  # branches of one sandbox go one after the other: each needs it paused
+            source = self.store.open(child.snapshot)
+            return branch(self.store, child, source, tag, mode)
 
     def compact(self, tag: str, to: str) -> Snapshot:
         """Write ``to``: a flat, parentless copy of snapshot ``tag``."""
