@@ -72,3 +72,14 @@ def tail(path: Path, nbytes: int = 4000) -> str:
             return f.read().decode(errors="replace")
     except OSError:
         return ""
+
+
+def pid_alive(pid: int) -> bool:
+    """True if a process with this PID exists (ours or another user's)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

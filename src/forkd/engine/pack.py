@@ -137,7 +137,7 @@ def _pack_links(store: SnapshotStore, tag: str) -> list[_PackLink]:
                             "and pack that") from e
     first = snaps[0].meta
     if first.parent is not None:
-        raise PackError(f"snapshot {tag} depends on {snaps[0].tag}, whose parent {first.parent} is missing or "
+        raise PackError(f"snapshot {tag} depends on {first.parent}, which cannot be packed: it is missing or "
                         "invalid here, and a pack must hold the whole chain; write a parentless copy with "
                         f"forkd snapshot compact {tag} --to NEW and pack that")
     memory_sha: dict[str, str] = {}  # links with a memory.bin of their own

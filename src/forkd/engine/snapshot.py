@@ -26,7 +26,7 @@ from forkd.errors import (
     SnapshotNotFoundError,
     ValidationError,
 )
-from forkd.fsutil import allocated_bytes, atomic_write_json, fsync_dir, fsync_file, sha256_file
+from forkd.fsutil import allocated_bytes, atomic_write_json, fsync_dir, fsync_file, pid_alive, sha256_file
 from forkd.paths import snapshot_root, validate_tag
 
 FORMAT = 1
@@ -296,20 +296,10 @@ class SnapshotStore:
             if d.name.startswith(".staging-"):
                 parts = d.name.rsplit("-", 2)
                 pid = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else 0
-                if pid and _pid_alive(pid):
+                if pid and pid_alive(pid):
                     continue
             elif not d.name.startswith(".deleting-"):
                 continue
             shutil.rmtree(d, ignore_errors=True)
             removed.append(d)
         return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

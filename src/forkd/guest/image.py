@@ -38,6 +38,7 @@ from typing import Any
 
 from forkd import paths
 from forkd.errors import ForkdError, ImageBuildError, ImageNotFoundError
+from forkd.fsutil import fsync_file, pid_alive
 from forkd.guest.cpio import CpioWriter
 
 BUILDER_VERSION = "1"
@@ -178,15 +179,6 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_path(path: Path) -> None:
-    """fsync a file or directory by path."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     """Write ``data`` to ``path`` via a temporary file, fsync, rename, fsync of the directory."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -196,12 +188,12 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_path(path.parent)
+    fsync_file(path.parent)
 
 
 def _copy_durable(src: Path, dst: Path) -> None:
     shutil.copyfile(src, dst)
-    _fsync_path(dst)
+    fsync_file(dst)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -471,9 +463,9 @@ def fetch_kernel_deb(package: str, version: str) -> Path:
         debs = sorted(tmp.glob("*.deb"))
         if len(debs) != 1 or not _deb_matches(debs[0], package, version):
             raise ImageBuildError(f"apt-get download {package}={version} did not produce that package")
-        _fsync_path(debs[0])
+        fsync_file(debs[0])
         os.replace(debs[0], target)
-        _fsync_path(cache)
+        fsync_file(cache)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
@@ -828,21 +820,11 @@ class _Steps:
             self._progress("done", len(BUILD_STEPS), len(BUILD_STEPS))
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _clean_stale(root: Path, *patterns: str) -> None:
     """Remove ``<pattern>-<pid>`` directories under ``root`` left by processes that are gone."""
     for d in [d for pattern in patterns for d in root.glob(pattern)]:
         pid = d.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             shutil.rmtree(d, ignore_errors=True)
 
 
@@ -893,7 +875,7 @@ def _publish(staging: Path, final: Path, info: ImageInfo, force: bool) -> ImageI
         trash = final.with_name(f".trash-{final.name}-{os.getpid()}")
         os.rename(final, trash)
     os.rename(staging, final)
-    _fsync_path(final.parent)
+    fsync_file(final.parent)
     if trash is not None:
         shutil.rmtree(trash, ignore_errors=True)
     return info
