@@ -11,8 +11,9 @@ demo: deps image snapshot
 
 deps: apt pip
 
+# The guest image builder downloads the guest kernel package with apt, so the lists must be present too.
 apt:
-	@if ! dpkg -s $(APT_PACKAGES) >/dev/null 2>&1; then \
+	@if ! dpkg -s $(APT_PACKAGES) >/dev/null 2>&1 || ! apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1; then \
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(APT_PACKAGES); \
 	fi
 

@@ -39,22 +39,15 @@ class LocalBackend:
                 out.append({"index": r.index, "error": r.error})
             else:
                 out.append({"index": r.index, **r.child.info()})
-                r.child.vm.channel.close()  # let go; the VM keeps running
+                r.child.vm.disconnect()  # let go; the VM keeps running
         return out
 
     def list(self) -> list[dict[str, Any]]:
-        from forkd.engine.vm import WorkDir, process_matches
+        from forkd.engine.vm import recorded_vms
 
-        rows = []
-        if self.engine.run_dir.is_dir():
-            for d in sorted(self.engine.run_dir.iterdir()):
-                meta = WorkDir(d).read_meta() if d.is_dir() else None
-                if not meta or meta.get("role") != "child" or meta.get("pool"):
-                    continue
-                alive = process_matches(int(meta.get("pid", 0)), str(meta.get("id")))
-                rows.append({"id": meta["id"], "snapshot": meta.get("snapshot"), "pid": meta.get("pid"),
-                             "status": "running" if alive else "exited", "network": meta.get("network")})
-        return rows
+        return [{"id": r.meta["id"], "snapshot": r.meta.get("snapshot"), "pid": r.meta.get("pid"),
+                 "status": "running" if r.alive else "exited", "network": r.meta.get("network")}
+                for r in recorded_vms(self.engine.run_dir) if r.meta.get("role") == "child" and not r.meta.get("pool")]
 
     def _child(self, sid: str) -> Any:
         from forkd.paths import validate_child_id
@@ -72,8 +65,7 @@ class LocalBackend:
                 return child.exec(kw.pop("argv"), **kw).__dict__
             return dict(getattr(child, op)(**kw))
         finally:
-            child.vm.channel.close()
-            child.vm.qmp.close()
+            child.vm.disconnect()
 
     def kill(self, sid: str) -> None:
         self._child(sid).kill()
@@ -83,8 +75,7 @@ class LocalBackend:
         try:
             return dict(self.engine.branch(child, tag, mode).to_json(), status="ready")
         finally:
-            child.vm.channel.close()
-            child.vm.qmp.close()
+            child.vm.disconnect()
 
 
 class RemoteBackend:

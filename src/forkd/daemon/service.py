@@ -18,7 +18,7 @@ from typing import Any
 from forkd.daemon.state import StateFile
 from forkd.engine import Child, Engine
 from forkd.engine.cleanup import sweep
-from forkd.engine.vm import WorkDir, process_matches
+from forkd.engine.vm import process_matches, recorded_vms
 from forkd.errors import ChannelClosedError, ForkdError, SnapshotNotFoundError
 from forkd.paths import validate_child_id, validate_tag
 
@@ -106,14 +106,11 @@ class Controller:
                 ports=dict(rec.get("ports") or {}),
                 created_at=float(rec.get("created_at", time.time())))
             adopted.append(sid)
-        if self.engine.run_dir.is_dir():
-            for d in self.engine.run_dir.iterdir():
-                meta = WorkDir(d).read_meta() if d.is_dir() else None
-                if meta and meta.get("id") not in self._sandboxes and process_matches(int(meta.get("pid", 0)),
-                                                                                       str(meta.get("id"))):
-                    with contextlib.suppress(Exception):
-                        self.engine.adopt(d).kill()
-                    orphans.append(str(meta.get("id")))
+        for r in recorded_vms(self.engine.run_dir):
+            if r.alive and r.meta.get("id") not in self._sandboxes:
+                with contextlib.suppress(Exception):
+                    self.engine.adopt(r.workdir.path).kill()
+                orphans.append(str(r.meta.get("id")))
         sweep(self.engine.run_dir, self.engine.store)
         self._save()
         return {"adopted": adopted, "pruned": pruned, "orphans_killed": orphans}
@@ -123,8 +120,7 @@ class Controller:
         self.engine.close_pools()
         with self._lock:
             for sb in self._sandboxes.values():
-                sb.child.vm.channel.close()
-                sb.child.vm.qmp.close()
+                sb.child.vm.disconnect()
             self._save()
 
     def _save(self) -> None:

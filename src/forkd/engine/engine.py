@@ -22,8 +22,8 @@ from forkd.engine.pool import Pool
 from forkd.engine.qemu import QemuBinary, qemu_binary
 from forkd.engine.restore import NETWORKS, finish_restore, launch_child, send_state
 from forkd.engine.snapshot import Snapshot, SnapshotStore, host_cpu_model, make_spec
-from forkd.engine.vm import VMProcess, WorkDir, process_matches
-from forkd.errors import ForkdError, ValidationError
+from forkd.engine.vm import VMProcess, recorded_vms
+from forkd.errors import ForkdError, SnapshotExistsError, ValidationError
 from forkd.paths import run_dir as default_run_dir
 from forkd.paths import validate_tag
 
@@ -78,8 +78,8 @@ class Engine:
         from forkd.guest.image import require_image
 
         spec, reason = make_spec(memory_mib, vcpus, self._accel_request)
-        if self.store.exists(tag):
-            self.store.stage(tag)  # raises SnapshotExistsError with the fix
+        if self.store.exists(tag):  # before building or finding the image
+            raise SnapshotExistsError(f"snapshot {tag} already exists; delete it first (forkd snapshot rm {tag})")
         img = image or require_image()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         return create_snapshot(self.store, tag, spec, reason, self.qemu, img, self.run_dir,
@@ -207,12 +207,7 @@ class Engine:
 
     def _free_netns(self, n: int) -> list[str | None]:
         """``forkd-child-<i>`` names for ``n`` children: the lowest numbers no live child is using."""
-        used = set()
-        if self.run_dir.is_dir():
-            for d in self.run_dir.iterdir():
-                meta = WorkDir(d).read_meta() if d.is_dir() else None
-                if meta and meta.get("netns") and process_matches(int(meta.get("pid", 0)), str(meta.get("id"))):
-                    used.add(str(meta["netns"]))
+        used = {str(r.meta["netns"]) for r in recorded_vms(self.run_dir) if r.alive and r.meta.get("netns")}
         out: list[str | None] = []
         i = 1
         while len(out) < n:

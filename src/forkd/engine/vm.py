@@ -70,6 +70,27 @@ def vm_name(vm_id: str) -> str:
     return f"forkd-{vm_id}"
 
 
+@dataclass(frozen=True)
+class RecordedVM:
+    """A work dir in a run dir, what its vm.json says, and whether that VM is still running."""
+
+    workdir: WorkDir
+    meta: dict[str, Any]
+    alive: bool
+
+
+def recorded_vms(run_dir: Path) -> list[RecordedVM]:
+    """Every work dir under ``run_dir`` that has a readable vm.json, sorted by name."""
+    if not run_dir.is_dir():
+        return []
+    out = []
+    for d in sorted(run_dir.iterdir()):
+        meta = WorkDir(d).read_meta() if d.is_dir() else None
+        if meta is not None:
+            out.append(RecordedVM(WorkDir(d), meta, process_matches(int(meta.get("pid", 0)), str(meta.get("id", "")))))
+    return out
+
+
 def process_matches(pid: int, vm_id: str) -> bool:
     """True if ``pid`` is alive and really is the QEMU of VM ``vm_id`` (its command line says so).
 
@@ -266,6 +287,11 @@ class VMProcess:
         log = tail(self.workdir.qemu_log, 1500).strip()
         return f"QEMU {status}" + (f"; QEMU said: {log}" if log else "")
 
+    def disconnect(self) -> None:
+        """Close our QMP and agent connections; the VM keeps running (and can be adopted again)."""
+        self.channel.close()
+        self.qmp.close()
+
     def kill(self, remove_workdir: bool = True, sig: int = signal.SIGKILL) -> None:
         """End the QEMU process (only if it still is ours) and, by default, remove the work dir."""
         if self.popen is not None:
@@ -278,8 +304,7 @@ class VMProcess:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, sig)
             _wait_gone(self.pid, self.vm_id, 10)
-        self.channel.close()
-        self.qmp.close()
+        self.disconnect()
         if self.cgroup is not None and not self.alive():
             self.cgroup.remove()
         if remove_workdir:
