@@ -13,7 +13,11 @@ For each mode: wall time from the first spawn until all N answered, per-child la
 start -> eval answered) median / p90 / max, and PSS per child from /proc/PID/smaps_rollup with all
 N alive at once. Prints JSON. Headline: cold boot / median fork latency.
 
-Usage: python3 bench/fanout.py [--n 100] [--modes pool,cold] [--concurrency 2]
+Each mode runs with the jail on and, with ``--jail both``, off too, interleaved; ``jail_cost`` gives
+the ratios. ``--n 10,50,100,200,500`` runs the scale curve and ``--png`` draws it.
+
+Usage: python3 bench/fanout.py [--n 100 | --n 10,50,100,200,500] [--modes pool,cold] [--jail both]
+       [--png bench/results/fanout-curve.png]
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import time
 from typing import Any
 
 from forkd import __version__
-from forkd.engine import Child, Engine
+from forkd.engine import Child, Engine, jail
 from forkd.guest.image import build_image
 
 EXPR = "numpy.zeros(5).tolist()"
@@ -101,36 +105,92 @@ def single_forks(eng: Engine, tag: str, reps: int) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=100)
+    ap.add_argument("--n", default="100", help="children per fan-out; a list (10,50,100,200,500) draws a curve")
     ap.add_argument("--modes", default="pool,cold")
     ap.add_argument("--concurrency", type=int, default=None)
     ap.add_argument("--memory-mib", type=int, default=512)
     ap.add_argument("--single-reps", type=int, default=10, help="sequential single forks (0: skip)")
+    ap.add_argument("--jail", choices=["on", "off", "both"], default="on",
+                    help="jailed QEMUs (the default), unjailed, or both side by side in this run")
+    ap.add_argument("--png", default=None, help="draw wall time and PSS per child against N to this file")
     args = ap.parse_args()
+    ns = [int(x) for x in str(args.n).split(",") if x.strip()]
+    jails = {"on": [True], "off": [False], "both": [True, False]}[args.jail]
     eng = Engine()
     image = build_image()
     tag = f"bench-{os.getpid()}"
     t = time.monotonic()
     snap = eng.create_snapshot(tag, memory_mib=args.memory_mib, image=image)
     create_s = time.monotonic() - t
+    modes: list[dict[str, Any]] = []
     try:
-        modes = [run_mode(eng, tag, args.n, m.strip(), args.concurrency) for m in args.modes.split(",") if m]
+        for n in ns:
+            for m in [m.strip() for m in args.modes.split(",") if m.strip()]:
+                for jailed in jails:  # interleaved: the jailed and unjailed runs of one N sit side by side
+                    jail.configure(jailed)
+                    modes.append({**run_mode(eng, tag, n, m, args.concurrency), "jail": jailed})
         if args.single_reps:
-            modes.append(single_forks(eng, tag, args.single_reps))
+            for jailed in jails:
+                jail.configure(jailed)
+                modes.append({**single_forks(eng, tag, args.single_reps), "jail": jailed})
     finally:
+        jail.configure(None)
         eng.delete_snapshot(tag)
     cold_boot_s = snap.meta.timings["boot_s"]
     report: dict[str, Any] = {
         "benchmark": "fanout", "forkd_version": __version__, "accel": eng.accel.name,
         "qemu": eng.qemu.version, "cpus": os.cpu_count(), "expr": EXPR,
         "cold_boot_s": cold_boot_s, "snapshot_create_s": round(create_s, 2),
-        "snapshot_save_ms": snap.meta.timings["save_ms"], "modes": modes,
+        "snapshot_save_ms": snap.meta.timings["save_ms"], "guest_clock": snap.meta.guest.get("clock"),
+        "modes": modes, "jail_cost": jail_cost(modes),
     }
     for m in modes:
         if m["latency_ms"]:
             m["cold_boot_over_fork_median"] = round(cold_boot_s * 1000 / m["latency_ms"]["median"], 1)
+    if args.png:
+        draw(modes, args.png)
+        report["png"] = args.png
     json.dump(report, sys.stdout, indent=2)
     sys.stdout.write("\n")
+
+
+def jail_cost(modes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Jailed / unjailed wall time for each (mode, N) measured both ways in this run."""
+    out = []
+    by = {(m["mode"], m.get("n"), m["jail"]): m for m in modes if "wall_s_all_answered" in m}
+    for (mode, n, jailed), m in by.items():
+        other = by.get((mode, n, False))
+        if jailed and other and other["wall_s_all_answered"]:
+            out.append({"mode": mode, "n": n, "jailed_s": m["wall_s_all_answered"],
+                        "unjailed_s": other["wall_s_all_answered"],
+                        "ratio": round(m["wall_s_all_answered"] / other["wall_s_all_answered"], 3)})
+    return out
+
+
+def draw(modes: list[dict[str, Any]], path: str) -> None:
+    """Wall time until all answered, and PSS per child, against N (one line per mode and jail)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    series: dict[str, list[dict[str, Any]]] = {}
+    for m in modes:
+        if "wall_s_all_answered" in m:
+            series.setdefault(f"{m['mode']}{'' if m['jail'] else ' (unjailed)'}", []).append(m)
+    for name, pts in series.items():
+        pts.sort(key=lambda m: m["n"])
+        xs = [m["n"] for m in pts]
+        ax1.plot(xs, [m["wall_s_all_answered"] for m in pts], marker="o", label=name)
+        ax2.plot(xs, [(m["pss_mib_per_child"] or {}).get("median", 0) for m in pts], marker="o", label=name)
+    ax1.set(xlabel="children (N)", ylabel="seconds until all answered", title="fan-out wall time")
+    ax2.set(xlabel="children (N)", ylabel="MiB", title="PSS per child (all N alive)")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -258,6 +258,78 @@ def check_image() -> Check:
     return _c("guest image", "PASS", f"{info.image_id} (kernel {info.kernel_version}) at {info.path}")
 
 
+#: What the guest kernel needs on its command line to keep a correct, tickless clock on any host.
+CLOCK_PARAMS = ("tsc=reliable",)
+
+
+def check_image_clock(snapshot_root: Path | None = None) -> Check:
+    """The current image boots with a trusted TSC; the newest snapshot's guest was tickless."""
+    from forkd.guest.image import find_image
+
+    name = "guest clock"
+    try:
+        info = find_image()
+    except Exception as e:  # noqa: BLE001 - the image check reports why
+        return _c(name, "WARN", f"cannot find the current image: {e}", "forkd image build")
+    if info is None:
+        return _c(name, "WARN", "no guest image built yet: its clock cannot be checked", "forkd image build")
+    missing = [p for p in CLOCK_PARAMS if p not in info.cmdline.split()]
+    if missing:
+        return _c(name, "FAIL", f"image {info.image_id} boots without {' '.join(missing)}: on a host whose TSC the "
+                  "guest distrusts it falls back to jiffies and ticks 250 times a second in every idle child",
+                  "forkd image build --force")
+    detail = f"image {info.image_id} boots with {' '.join(CLOCK_PARAMS)}"
+    recorded = _newest_snapshot_clock(snapshot_root)
+    if recorded is not None:
+        tag, clk = recorded
+        if not clk.get("tickless"):
+            return _c(name, "FAIL", f"{detail}; snapshot {tag} was saved from a ticking guest ({clk})",
+                      f"forkd snapshot rm {tag} && forkd snapshot create --tag {tag}")
+        detail += (f"; snapshot {tag}: clocksource {clk.get('clocksource')}, tickless, "
+                   f"{clk.get('timer_irq_per_s')} timer interrupts/s idle")
+    return _c(name, "PASS", detail)
+
+
+def _newest_snapshot_clock(root: Path | None) -> tuple[str, dict[str, object]] | None:
+    from forkd.engine.snapshot import SnapshotStore
+
+    best: tuple[float, str, dict[str, object]] | None = None
+    for tag, snap, _err in SnapshotStore(root).list():
+        clk = snap.meta.guest.get("clock") if snap is not None else None
+        if isinstance(clk, dict) and (best is None or snap.meta.created_at > best[0]):  # type: ignore[union-attr]
+            best = (snap.meta.created_at, tag, clk)  # type: ignore[union-attr]
+    return None if best is None else (best[1], best[2])
+
+
+def check_jail() -> Check:
+    from forkd.engine import jail
+
+    why = jail.can_jail()
+    if why is not None:
+        return _c("jail", "FAIL", f"VMs cannot be jailed: {why}; forkd-controller refuses to start without "
+                  "--insecure-no-jail", "run forkd-controller as root (packaging/systemd/forkd-controller.service)")
+    ids = jail.uid_range()
+    if not jail.enabled():
+        return _c("jail", "WARN", "jailing is switched off (FORKD_JAIL=off): QEMU runs as root, unconfined",
+                  "unset FORKD_JAIL")
+    return _c("jail", "PASS", f"each QEMU gets its own uid in {ids.start}..{ids.stop - 1}, an empty chroot, "
+              "mount/ipc/uts namespaces, no capabilities, rlimits and its cgroups")
+
+
+def check_netfilter() -> Check:
+    from forkd.engine import netfilter
+
+    try:
+        netfilter._nft()
+    except Exception as e:  # noqa: BLE001
+        return _c("network filter", "FAIL", str(e), netfilter.INSTALL_HINT)
+    why = netfilter.status()
+    if why is not None:
+        return _c("network filter", "WARN", why, "it is installed when forkd-controller starts")
+    return _c("network filter", "PASS", "nftables table inet forkd: sandboxes reach no host, private, link-local "
+              "or metadata address")
+
+
 def check_ksm() -> Check:
     try:
         value = KSM_RUN.read_text().strip()
@@ -428,6 +500,9 @@ def run_checks(url: str | None, token: str | None, token_file: Path | None, tls_
         ("snapshot space", check_snapshot_space, (snapshot_root,)),
         ("scratch space", check_scratch_space, (scratch_dir,)),
         ("guest image", check_image, ()),
+        ("guest clock", check_image_clock, (snapshot_root,)),
+        ("jail", check_jail, ()),
+        ("network filter", check_netfilter, ()),
         ("ksm", check_ksm, ()),
         ("daemon", check_daemon, (url, token, tls_cert)),
     ]

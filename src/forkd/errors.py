@@ -74,3 +74,7 @@ class ChannelClosedError(ForkdError):
 
 class AgentTimeoutError(ForkdError, TimeoutError):
     """The guest agent did not answer within the timeout."""
+
+
+class FileTooLargeError(ForkdError):
+    """A guest file is larger than the read limit (or, not being a regular file, gave more than it)."""

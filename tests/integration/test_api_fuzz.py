@@ -5,10 +5,9 @@ from __future__ import annotations
 import httpx
 import pytest
 import schemathesis
+from conftest import Daemon
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
-
-from .conftest import Daemon
 
 pytestmark = pytest.mark.vm
 schemathesis.experimental.OPEN_API_3_1.enable()  # FastAPI publishes OpenAPI 3.1

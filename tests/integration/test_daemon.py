@@ -14,8 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-from .conftest import Daemon, free_port, make_token_file, start_daemon_process, wait_healthy
+from conftest import Daemon, free_port, make_token_file, start_daemon_process, wait_healthy
 
 pytestmark = pytest.mark.vm
 

@@ -76,14 +76,26 @@ def test_eval_run_code_exec_and_files(spawn) -> None:
         k.stat("/tmp/d")
 
 
-def test_malformed_requests_get_errors_and_the_agent_keeps_serving(spawn) -> None:
+def test_bad_requests_get_errors_and_the_agent_keeps_serving(spawn) -> None:
     (k,) = spawn(1)
-    k.vm.channel.sock.sendall(b"this is not json\n[1,2]\n{\"id\": 5}\n")
     with pytest.raises(AgentError, match="UnknownOp"):
         k.vm.channel.call("no_such_op")
     with pytest.raises(AgentError, match="BadRequest.*expr"):
         k.vm.channel.call("eval", expr=123)
+    with pytest.raises(AgentError, match="ReplyTooLarge"):
+        k.eval("'x' * (20 << 20)")
     assert k.ping()["agent_version"]
+
+
+def test_replies_to_lines_nobody_asked_are_a_violation(spawn) -> None:
+    (k,) = spawn(1)
+    # the agent answers these with an id-less error and a reply to id 5: neither was asked by the host
+    k.vm.channel.sock.sendall(b"this is not json\n[1,2]\n{\"id\": 5}\n")
+    deadline = time.monotonic() + 60
+    while k.alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not k.alive()
+    assert "protocol violation" in (k.vm.exit_status() or "")
 
 
 def test_child_killed_mid_request_gives_a_clear_error(spawn) -> None:

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Iterator
 
 import pytest
+from conftest import Daemon
 
 from forkd import (
     AsyncController,
@@ -16,8 +17,6 @@ from forkd import (
     NotFoundError,
     Sandbox,
 )
-
-from .conftest import Daemon
 
 pytestmark = pytest.mark.vm
 

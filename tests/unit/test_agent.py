@@ -431,3 +431,10 @@ def test_replies_in_flight_are_sent_before_exit_on_eof() -> None:
     assert reply["ok"] and reply["result"]["exit_code"] == 0
     assert client.proc.wait(timeout=TIMEOUT) == 0
     client.close()
+
+
+def test_the_agents_longest_reply_fits_the_hosts_line_limit() -> None:
+    from forkd.engine.channel import MAX_REPLY_LINE
+    from forkd.guest import agent
+
+    assert agent.MAX_REPLY < MAX_REPLY_LINE

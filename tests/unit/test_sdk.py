@@ -424,7 +424,7 @@ def test_spawn_all_ok_in_request_order(fake: FakeController, ctl: Controller) ->
     assert [s.id for s in sbs] == ["sb-0000", "sb-0001", "sb-0002"]
     assert all(isinstance(s, Sandbox) and s.snapshot_tag == "py" and s.info.ready_ms == 512.5 for s in sbs)
     req = fake.requests[-1]
-    assert json.loads(req.content) == {"snapshot_tag": "py", "n": 3, "network": "user", "memory_limit_mib": None,
+    assert json.loads(req.content) == {"snapshot_tag": "py", "n": 3, "network": "internet", "memory_limit_mib": None,
                                        "per_child_netns": False, "timeout_s": 10.0}
     assert req.extensions["timeout"]["read"] == 3 * 10 + 30
 

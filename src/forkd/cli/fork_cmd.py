@@ -49,8 +49,9 @@ def row_json(res: SpawnResult, ran: dict[str, Any]) -> dict[str, Any]:
               help="Seconds allowed for each child's restore and for its command.")
 @click.option("--concurrency", type=click.IntRange(1, 256), default=None,
               help="Children restored at once (default: number of CPUs).")
-@click.option("--network", type=click.Choice(["user", "none"]), default="user", show_default=True,
-              help="user: outbound network through the child's own user-mode stack; none: no network.")
+@click.option("--network", type=click.Choice(["internet", "none", "user"]), default="internet", show_default=True,
+              help="internet: public addresses only, with DNS (never this host or private ranges); none: no network; "
+                   "user: old name of internet.")
 @click.option("--settle-secs", type=float, default=0.0, show_default=True,
               help="Seconds to let the children run before they are killed.")
 @click.option("--keep-workdir", is_flag=True, help="Keep the children's work dirs (console logs) afterwards.")

@@ -147,7 +147,7 @@ def sandbox(ctx: click.Context, url: str | None, token_file: Path | None, accel:
 @sandbox.command("spawn")
 @click.option("--tag", required=True, help="Snapshot to fork from.")
 @click.option("-n", "--n", "n", type=click.IntRange(1, 1000), default=1, show_default=True)
-@click.option("--network", type=click.Choice(["user", "none"]), default="user", show_default=True)
+@click.option("--network", type=click.Choice(["internet", "none", "user"]), default="internet", show_default=True)
 @json_option
 @click.pass_context
 @handle_errors

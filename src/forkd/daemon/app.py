@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import Annotated, Any
 
 from fastapi import Body, FastAPI, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -21,6 +22,7 @@ from forkd.errors import (
     AgentTimeoutError,
     BusyError,
     DependentsError,
+    FileTooLargeError,
     ForkdError,
     SnapshotExistsError,
     SnapshotInvalidError,
@@ -30,6 +32,8 @@ from forkd.errors import (
 
 log = logging.getLogger("forkd.controller")
 MAX_UPLOAD = 256 << 20
+MAX_DOWNLOAD = 256 << 20
+OCTET = "application/octet-stream"
 
 Tag = Annotated[str, Path(pattern=m.TAG_PATTERN, description="Snapshot tag.")]
 SandboxId = Annotated[str, Path(pattern=m.ID_PATTERN, description="Sandbox id.")]
@@ -47,6 +51,8 @@ def status_for(exc: Exception) -> int:
         return 409
     if isinstance(exc, ValidationError):
         return 400
+    if isinstance(exc, FileTooLargeError):
+        return 413
     if isinstance(exc, AgentTimeoutError):
         return 504
     if isinstance(exc, AgentError):
@@ -200,11 +206,16 @@ def create_app(ctl: Controller, metrics: Metrics) -> FastAPI:
         return r.__dict__
 
     # -- files
-    @app.get("/v1/sandboxes/{sid}/files", response_class=Response, responses=ERRORS, tags=["files"])
+    @app.get("/v1/sandboxes/{sid}/files", response_class=Response,
+             responses={**ERRORS, 413: {"model": m.ErrorBody}}, tags=["files"])
     def read_file(sid: SandboxId, path: GuestPath) -> Response:
-        """The file's bytes (application/octet-stream)."""
-        data = ctl.call(sid, lambda c: c.read_file(path))
-        return Response(data, media_type="application/octet-stream")
+        """The file's bytes (application/octet-stream), streamed. 413 for a file larger than 256 MiB, or
+        for a device or special file that gives more."""
+        chunks = ctl.call(sid, lambda c: c.iter_file(path, MAX_DOWNLOAD))  # 404/413 before the body starts
+        if chunks.size is None:  # its length shows only at the end, and a 413 must precede the body
+            return Response(ctl.call(sid, lambda _c: b"".join(chunks)), media_type=OCTET)
+        return StreamingResponse(_logged(sid, chunks), media_type=OCTET,
+                                 headers={"Content-Length": str(chunks.size)})
 
     @app.put("/v1/sandboxes/{sid}/files", response_model=m.WriteResult, responses=ERRORS, tags=["files"])
     async def write_file(sid: SandboxId, path: GuestPath, request: Request,
@@ -237,7 +248,17 @@ def create_app(ctl: Controller, metrics: Metrics) -> FastAPI:
         ctl.call(sid, lambda c: c.remove(path, recursive=recursive))
         return Response(status_code=204)
 
+    metrics.set_routes(path for r in app.routes if isinstance(path := getattr(r, "path", None), str))
     return app
+
+
+def _logged(sid: str, chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """The chunks of a streamed file; a failure once the body has started can only cut the connection."""
+    try:
+        yield from chunks
+    except ForkdError as e:
+        log.warning("sandbox %s: reading a file failed after its first chunk: %s", sid, e)
+        raise
 
 
 def _code(fn: Any) -> dict[str, Any]:

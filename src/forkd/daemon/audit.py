@@ -12,6 +12,44 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+# Every client-controlled string in a line is cut to its cap, so a line stays small (a few KiB) whatever a
+# client sends, authenticated or not. The query string, headers other than User-Agent and bodies are never
+# written.
+MAX_METHOD_CHARS = 16
+MAX_PATH_CHARS = 1024
+MAX_UA_CHARS = 256
+MAX_REMOTE_CHARS = 128  # a host from proxy headers is the client's word too
+ELLIPSIS = "..."
+
+
+def cap(text: str, limit: int) -> str:
+    """``text``, cut to at most ``limit`` characters (ending in "..." when cut)."""
+    return text if len(text) <= limit else text[:max(limit - len(ELLIPSIS), 0)] + ELLIPSIS
+
+
+def _header(scope: Scope, name: bytes, limit: int) -> str:
+    """The first ``name`` header of the request, decoded and capped at ``limit`` characters."""
+    for k, v in scope.get("headers", ()):
+        if k == name:
+            return cap(v[:limit * 4 + 4].decode(errors="replace"), limit)  # at most 4 bytes per character
+    return ""
+
+
+def _remote(scope: Scope) -> str | None:
+    client = scope.get("client")
+    return cap(f"{client[0]}:{client[1]}", MAX_REMOTE_CHARS) if client else None
+
+
+def record(scope: Scope, status: int, latency: float) -> dict[str, Any]:
+    """The audit line of one request, every client-controlled value capped."""
+    return {
+        "ts": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "method": cap(str(scope.get("method", "")), MAX_METHOD_CHARS),
+        "path": cap(str(scope.get("path", "")), MAX_PATH_CHARS),
+        "status": status, "latency_us": int(latency * 1e6),
+        "ua": _header(scope, b"user-agent", MAX_UA_CHARS), "remote": _remote(scope),
+    }
+
 
 class AuditLog:
     def __init__(self, path: Path | None) -> None:
@@ -55,7 +93,7 @@ class AuditMiddleware:
     def __init__(self, app: ASGIApp, log: AuditLog, observe: Any = None) -> None:
         self.app = app
         self.log = log
-        self.observe = observe  # callback(method, path, status, seconds) for metrics
+        self.observe = observe  # callback(method, route template or None, status, seconds) for metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -74,14 +112,7 @@ class AuditMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             latency = time.perf_counter() - t0
-            headers = dict(scope.get("headers", []))
-            client = scope.get("client")
-            self.log.write({
-                "ts": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-                "method": scope["method"], "path": scope["path"], "status": status,
-                "latency_us": int(latency * 1e6), "ua": headers.get(b"user-agent", b"").decode(errors="replace"),
-                "remote": f"{client[0]}:{client[1]}" if client else None,
-            })
-            if self.observe is not None:
-                route = scope.get("route")
-                self.observe(scope["method"], getattr(route, "path", "unmatched"), status, latency)
+            self.log.write(record(scope, status, latency))
+            if self.observe is not None:  # the route's template (None: no route matched), never the raw path
+                route = getattr(scope.get("route"), "path", None)
+                self.observe(scope["method"], route if isinstance(route, str) else None, status, latency)

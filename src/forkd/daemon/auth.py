@@ -56,7 +56,10 @@ def token_matches(given: bytes, token: bytes) -> bool:
 
 
 class BearerAuth:
-    """ASGI middleware: every request but /healthz needs ``Authorization: Bearer <token>``."""
+    """ASGI middleware: every request but /healthz needs ``Authorization: Bearer <token>``.
+
+    A refusal is cheap and constant: the body is never read, the headers are scanned once without being
+    copied, the token is compared in constant time, and the 401 is built from bytes made once."""
 
     def __init__(self, app: ASGIApp, token: bytes | None) -> None:
         self.app = app
@@ -81,9 +84,17 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
-async def _deny(send: Send, message: str) -> None:
+def _denial(message: str) -> tuple[bytes, tuple[tuple[bytes, bytes], ...]]:
     body = json.dumps({"error": message}).encode()
-    await send({"type": "http.response.start", "status": 401,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"www-authenticate", b'Bearer realm="forkd"')]})
+    return body, ((b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                  (b"www-authenticate", b'Bearer realm="forkd"'))
+
+
+_DENIALS = {m: _denial(m) for m in ("missing bearer token", "invalid bearer token")}
+
+
+async def _deny(send: Send, message: str) -> None:
+    body, headers = _DENIALS[message]
+    # fresh message dicts and header list: a middleware may add to them, and must not add to a shared one
+    await send({"type": "http.response.start", "status": 401, "headers": list(headers)})
     await send({"type": "http.response.body", "body": body})

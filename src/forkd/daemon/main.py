@@ -72,12 +72,15 @@ def cli() -> None:
 @click.option("--accel", envvar="FORKD_ACCEL", default=None, type=click.Choice(["auto", "kvm", "tcg"]))
 @click.option("--log-level", envvar="FORKD_LOG_LEVEL", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--insecure-no-jail", envvar="FORKD_INSECURE_NO_JAIL", is_flag=True,
+              help="Run QEMU unjailed (as this daemon's user, with no network filter). Only for trusted code.")
 def serve(bind: str, state_path: Path, snapshot_root: Path | None, audit_log: Path, token_file: Path | None,
           tls_cert: Path | None, tls_key: Path | None, scratch_dir: Path | None, branch_concurrency: int,
-          pool_size: int, accel: str | None, log_level: str) -> None:
+          pool_size: int, accel: str | None, log_level: str, insecure_no_jail: bool) -> None:
     """Serve the REST API."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        setup_jail(insecure_no_jail)
         config, audit = build(bind, state_path, snapshot_root, audit_log, token_file, tls_cert, tls_key,
                               scratch_dir, branch_concurrency, pool_size, accel, log_level)
     except ForkdError as e:
@@ -86,6 +89,25 @@ def serve(bind: str, state_path: Path, snapshot_root: Path | None, audit_log: Pa
     signal.signal(signal.SIGHUP, lambda *_: audit.reopen())
     _Server(config).run()
     audit.close()
+
+
+def setup_jail(insecure_no_jail: bool) -> None:
+    """Jail every VM and filter its network, or refuse to start; ``--insecure-no-jail`` opts out, loudly."""
+    from forkd.engine import jail, netfilter
+
+    if insecure_no_jail:
+        jail.configure(False)
+        log.warning("--insecure-no-jail: QEMU runs unjailed and sandboxes' networks are not filtered; a guest "
+                    "that escapes QEMU is %s on this host", "root" if os.geteuid() == 0 else "this daemon's user")
+        return
+    why = jail.can_jail()
+    if why is not None:
+        raise ValidationError(f"cannot jail VMs: {why}. Run forkd-controller as root (see "
+                              "packaging/systemd/forkd-controller.service), or pass --insecure-no-jail to run "
+                              "untrusted code without the jail")
+    netfilter.require()
+    jail.configure(True)
+    jail.set_daemon_oom_score()
 
 
 class _Server(uvicorn.Server):
@@ -108,9 +130,9 @@ def build(bind: str, state_path: Path, snap_root: Path | None, audit_path: Path,
           pool_size: int, accel: str | None, log_level: str) -> tuple[uvicorn.Config, AuditLog]:
     where = parse_bind(bind)
     token = load_token(token_file) if token_file else None
-    if token is None and isinstance(where, tuple) and not is_loopback(where[0]):
-        raise ValidationError(f"refusing to bind {bind} without --token-file: an unauthenticated API may only "
-                              "listen on loopback or a Unix socket")
+    warning = check_bind_auth(bind, where, token)
+    if warning is not None:
+        log.warning("%s", warning)
     if bool(tls_cert) != bool(tls_key):
         raise ValidationError("--tls-cert and --tls-key must be given together")
     for p in (tls_cert, tls_key):
@@ -143,7 +165,8 @@ def build(bind: str, state_path: Path, snap_root: Path | None, audit_path: Path,
     app.router.lifespan_context = lifespan
     asgi = AuditMiddleware(BearerAuth(app, token), audit, metrics.observe_request)
     kw: dict[str, object] = {"log_level": log_level, "timeout_graceful_shutdown": 30, "access_log": False,
-                             "lifespan": "on", "server_header": False}
+                             "lifespan": "on", "server_header": False,
+                             "proxy_headers": False}  # X-Forwarded-For from loopback would spoof the audit log
     kw["fd"] = listener.detach()  # bound before reconcile: a busy address fails before anything is touched
     if tls_cert and tls_key:
         kw["ssl_certfile"], kw["ssl_keyfile"] = str(tls_cert), str(tls_key)
@@ -152,6 +175,19 @@ def build(bind: str, state_path: Path, snap_root: Path | None, audit_path: Path,
     if config.ssl is not None:
         config.ssl.minimum_version = ssl.TLSVersion.TLSv1_2  # TLS 1.2 and 1.3 only
     return config, audit
+
+
+def check_bind_auth(bind: str, where: tuple[str, int] | str, token: bytes | None) -> str | None:
+    """Without a token: ValidationError for a non-loopback TCP address, and the warning to print for a
+    loopback one (None: a token, or a Unix socket only its owner may connect to)."""
+    if token is not None or not isinstance(where, tuple):
+        return None
+    if not is_loopback(where[0]):
+        raise ValidationError(f"refusing to bind {bind} without --token-file: an unauthenticated API may only "
+                              "listen on loopback or a Unix socket")
+    return (f"--bind {bind} without --token-file: the API is unauthenticated, and any process or sandbox that can "
+            "reach that address controls every sandbox (jailed sandboxes cannot reach it, but every local process "
+            "can); give a --token-file, or bind a Unix socket (unix:/path.sock, mode 0600)")
 
 
 _LOCKS: list[int] = []

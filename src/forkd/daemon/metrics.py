@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -11,6 +11,16 @@ from prometheus_client.registry import Collector
 from forkd import __version__
 
 SPAWN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# Label values are a fixed set, whatever a client sends: one series per (method, route, status) it can pick
+# would let unauthenticated requests grow the registry without bound.
+METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"})
+OTHER_METHOD = "other"
+UNMATCHED_ROUTE = "unmatched"
+
+
+def method_label(method: str) -> str:
+    """``method`` if it is a standard HTTP method, else "other"."""
+    return method if method in METHODS else OTHER_METHOD
 
 
 class _Live(Collector):
@@ -35,6 +45,17 @@ class Metrics:
                                        buckets=SPAWN_BUCKETS, registry=self.registry)
         self.request_seconds = Histogram("forkd_http_request_duration_seconds", "HTTP requests by route and status.",
                                          ["method", "route", "status"], registry=self.registry)
+        self.routes: frozenset[str] = frozenset()  # the app's route templates (set by create_app)
 
-    def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
-        self.request_seconds.labels(method=method, route=route, status=str(status)).observe(seconds)
+    def set_routes(self, templates: Iterable[str]) -> None:
+        """The route templates (``/v1/sandboxes/{sid}``) a request's route label may take."""
+        self.routes = frozenset(templates)
+
+    def route_label(self, route: str | None) -> str:
+        """``route`` if it is one of the app's route templates, else "unmatched" (never a raw path)."""
+        return route if route is not None and route in self.routes else UNMATCHED_ROUTE
+
+    def observe_request(self, method: str, route: str | None, status: int, seconds: float) -> None:
+        """One request: ``route`` is the template of the route that matched (None: none did)."""
+        self.request_seconds.labels(method=method_label(method), route=self.route_label(route),
+                                    status=str(status)).observe(seconds)

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from forkd.engine.specguard import MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB, MIN_VCPUS
+
 TAG_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 
@@ -32,8 +34,8 @@ class Version(BaseModel):
 
 class CreateSnapshotRequest(Strict):
     tag: str = Field(pattern=TAG_PATTERN, description="Snapshot name.")
-    memory_mib: int = Field(512, ge=128, le=65536, description="Guest RAM in MiB.")
-    vcpus: int = Field(1, ge=1, le=64)
+    memory_mib: int = Field(512, ge=MIN_MEMORY_MIB, le=MAX_MEMORY_MIB, description="Guest RAM in MiB.")
+    vcpus: int = Field(1, ge=MIN_VCPUS, le=MAX_VCPUS)
     warm_code: str | None = Field(None, max_length=1 << 20, description="Python run in the parent before saving.")
     boot_timeout_s: float = Field(300.0, gt=0, le=3600, description="Seconds to wait for the guest agent.")
 
@@ -100,7 +102,9 @@ class CreateSandboxesRequest(Strict):
     memory_limit_mib: int | None = Field(None, ge=64, le=1 << 20, description="Memory limit per child, MiB.")
     per_child_netns: bool = Field(False, description="Run child i in network namespace forkd-child-<i>.")
     live_fork: bool = Field(False, description="Accepted for compatibility; every forkd sandbox can be branched.")
-    network: Literal["user", "none"] = Field("user", description="user: own user-mode network; none: no network.")
+    network: Literal["internet", "none", "user"] = Field(
+        "internet", description="internet: outbound to public addresses only, with DNS (never this host, private "
+        "or link-local ranges, other sandboxes); none: no network; user: old name of internet.")
     expose: list[int] = Field(default_factory=list, max_length=16,
                               description="Guest TCP ports to forward from host loopback ports (see `ports`).")
     timeout_s: float = Field(120.0, gt=0, le=3600, description="Seconds allowed for each child's restore.")
@@ -115,7 +119,7 @@ class SandboxInfo(BaseModel):
     created_at: float
     ready_ms: float | None = None
     from_pool: bool = False
-    network: str = "user"
+    network: str = "internet"
     memory_limit_mib: int | None = None
     netns: str | None = None
     ports: dict[str, int] = Field(default_factory=dict, description="Guest TCP port -> host loopback port.")
@@ -166,7 +170,7 @@ class ExecRequest(Strict):
     cwd: str | None = None
     stdin: str | None = Field(None, max_length=64 << 20)
     timeout_s: float | None = Field(30.0, gt=0, le=86400, description="Seconds; the process group is killed after.")
-    max_output: int = Field(1 << 20, ge=0, le=64 << 20, description="Bytes kept per stream.")
+    max_output: int = Field(1 << 20, ge=0, le=1 << 20, description="Bytes kept per stream (at most 1 MiB).")
 
 
 class ExecResponse(BaseModel):

@@ -40,7 +40,7 @@ class Busy(ForkdError):
 @dataclass
 class Sandbox:
     child: Child
-    network: str = "user"
+    network: str = "internet"
     memory_limit_mib: int | None = None
     netns: str | None = None
     ready_ms: float | None = None
@@ -101,7 +101,7 @@ class Controller:
                 pruned.append(sid)
                 continue
             self._sandboxes[sid] = Sandbox(
-                child=child, network=str(rec.get("network", "user")), memory_limit_mib=rec.get("memory_limit_mib"),
+                child=child, network=str(rec.get("network", "internet")), memory_limit_mib=rec.get("memory_limit_mib"),
                 netns=rec.get("netns"), ready_ms=rec.get("ready_ms"), from_pool=bool(rec.get("from_pool")),
                 ports=dict(rec.get("ports") or {}),
                 created_at=float(rec.get("created_at", time.time())))
@@ -229,7 +229,7 @@ class Controller:
     def spawn(self, tag: str, n: int, network: str, memory_limit_mib: int | None, per_child_netns: bool,
               timeout_s: float, expose: tuple[int, ...] = ()) -> list[dict[str, Any]]:
         validate_tag(tag)
-        if self.pool_size > 0 and network == "user":
+        if self.pool_size > 0 and network in ("internet", "user"):
             self.engine.start_pool(tag, self.pool_size)
         # netns numbers are picked from the live children, so spawns that use them go one at a time
         with self._spawn_lock if per_child_netns else contextlib.nullcontext():

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from forkd.engine.specguard import cpu_problem
 from forkd.errors import ValidationError
 
 ACCELS = ("auto", "kvm", "tcg")
@@ -74,9 +75,18 @@ def choose_accel(requested: str | None = None) -> AccelChoice:
         if not ok:
             raise ValidationError(f"accel=kvm was requested but KVM is not usable: {why}")
         return AccelChoice("kvm", f"forced; {why}", "host")
-    tcg_cpu = os.environ.get("FORKD_TCG_CPU") or TCG_CPU
     if req == "tcg":
-        return AccelChoice("tcg", "forced (TCG: software emulation)", tcg_cpu)
+        return AccelChoice("tcg", "forced (TCG: software emulation)", tcg_cpu_model())
     if ok:
         return AccelChoice("kvm", why, "host")
-    return AccelChoice("tcg", f"{why}; using TCG (software emulation: correct, slower guest code)", tcg_cpu)
+    return AccelChoice("tcg", f"{why}; using TCG (software emulation: correct, slower guest code)", tcg_cpu_model())
+
+
+def tcg_cpu_model() -> str:
+    """The -cpu value under TCG: ``$FORKD_TCG_CPU`` or TCG_CPU, refused unless snapshot.json would accept it
+    (a model name, then optional +feature / -feature flags)."""
+    cpu = os.environ.get("FORKD_TCG_CPU") or TCG_CPU
+    why_not = cpu_problem(cpu)
+    if why_not is not None:
+        raise ValidationError(f"FORKD_TCG_CPU {why_not}, e.g. max or Skylake-Client,-hle; got {cpu[:100]!r}")
+    return cpu

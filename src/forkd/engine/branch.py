@@ -16,14 +16,17 @@ import contextlib
 import fcntl
 import mmap
 import os
+import secrets
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from forkd.engine import pagemap, qstream
+from forkd.engine import jail, pagemap, qstream
 from forkd.engine.child import Child
 from forkd.engine.snapshot import MEMORY_NAME, VMSTATE_NAME, Snapshot, SnapshotMeta, SnapshotStore
+from forkd.engine.vm import VMProcess
 from forkd.errors import ChannelClosedError, ForkdError, SnapshotError, ValidationError, VMError
 
 MODES = ("auto", "delta", "flat")
@@ -92,6 +95,25 @@ def write_pages(path: Path, runs: list[tuple[int, memoryview]]) -> int:
     return written
 
 
+def save_devices(vm: VMProcess, devfile: Path) -> None:
+    """QEMU writes its device state to a file it opens by name: inside a jail, to a file we hand it
+    there, which then moves to ``devfile`` (owned by root again)."""
+    root, uid = vm.meta.get("jail"), vm.meta.get("uid")
+    if not root or not isinstance(uid, int):
+        vm.qmp.execute("xen-save-devices-state", {"filename": str(devfile), "live": False}, timeout=60)
+        return
+    name = f"devstate-{secrets.token_hex(4)}"
+    handed = jail.hand_file(Path(root), name, uid)
+    try:
+        vm.qmp.execute("xen-save-devices-state", {"filename": f"/{name}", "live": False}, timeout=60)
+        os.chown(handed, 0, 0)
+        os.chmod(handed, 0o600)
+        shutil.move(handed, devfile)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            handed.unlink()
+
+
 def capture(child: Child, base: Snapshot, devfile: Path) -> tuple[list[tuple[int, memoryview]], mmap.mmap, float]:
     """The pause: stop, save devices, find and copy the child's own pages, cont. Returns the pages,
     the buffer holding them, and the pause in seconds. The child is always resumed."""
@@ -106,7 +128,7 @@ def capture(child: Child, base: Snapshot, devfile: Path) -> tuple[list[tuple[int
     t0 = time.monotonic()
     vm.qmp.execute("stop", timeout=30)
     try:
-        vm.qmp.execute("xen-save-devices-state", {"filename": str(devfile), "live": False}, timeout=60)
+        save_devices(vm, devfile)
         runs = pagemap.dirty_runs(child.pid, vaddr, size // pagemap.PAGE)
         need = sum(e - s for s, e in runs) * pagemap.PAGE
         if need > len(buf):

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import base64
+import binascii
 import contextlib
 import secrets
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from forkd.engine.channel import EXEC_OUTPUT_MAX, READ_CHUNK, AgentChannel
 from forkd.engine.stats import smaps_rollup
 from forkd.engine.vm import VMProcess
-from forkd.errors import ForkdError
+from forkd.errors import FileTooLargeError, ForkdError
 
 # Bytes per file_write request: base64 keeps each request line far below the agent's 64 MiB limit.
 WRITE_CHUNK = 16 << 20
+# The most read_file / iter_file return by default.
+MAX_FILE_BYTES = 256 << 20
 
 
 @dataclass
@@ -34,6 +39,84 @@ class ExecResult:
         return cls(exit_code=r.get("exit_code"), stdout=r.get("stdout", ""), stderr=r.get("stderr", ""),
                    timed_out=bool(r.get("timed_out")), stdout_truncated=bool(r.get("stdout_truncated")),
                    stderr_truncated=bool(r.get("stderr_truncated")), duration_s=float(r.get("duration_s", 0.0)))
+
+
+class FileChunks(Iterator[bytes]):
+    """The chunks of one guest file (at most READ_CHUNK bytes each), read on demand, never more than
+    ``max_bytes`` in all.
+
+    The first chunk is read when the object is made, so a missing file, or a regular file larger than
+    ``max_bytes``, fails at once. ``size`` is a regular file's size as the agent first reported it:
+    reading stops there, whatever the file does meanwhile. It is None for anything else (a device such
+    as /dev/zero, a /proc file, a file that grew past its size), which is read until EOF and fails with
+    FileTooLargeError past ``max_bytes``. The agent's numbers are used only as upper stops.
+    """
+
+    def __init__(self, channel: AgentChannel, path: str, max_bytes: int, timeout: float) -> None:
+        if not isinstance(max_bytes, int) or max_bytes < 0:
+            raise ValueError(f"max_bytes must be a non-negative integer; got {max_bytes!r}")
+        self.path, self.max_bytes = path, max_bytes
+        self._channel, self._timeout = channel, timeout
+        self.offset = 0
+        self.size: int | None = None
+        self._done = False
+        first, reported = self._read()
+        if len(first) <= reported:  # a regular file, as far as can be told
+            if reported > max_bytes:
+                self._done = True
+                raise FileTooLargeError(f"{path} is {reported} bytes, more than the limit of {max_bytes}")
+            self.size = reported
+            self._done = self._done or self.offset >= reported
+        self._check_limit()
+        self._first: bytes | None = first
+
+    def __next__(self) -> bytes:
+        if self._first is not None:
+            chunk, self._first = self._first, None
+            if chunk:
+                return chunk
+        if self._done:
+            raise StopIteration
+        chunk, _ = self._read()
+        self._check_limit()
+        if not chunk:
+            raise StopIteration
+        return chunk
+
+    def _read(self) -> tuple[bytes, int]:
+        """The next chunk and the size the agent reported; sets ``_done`` at the end."""
+        stop = self.max_bytes + 1 if self.size is None else self.size  # one byte over the limit tells
+        want = min(READ_CHUNK, stop - self.offset)
+        r = self._channel.call("file_read", reply_timeout=self._timeout, path=self.path, offset=self.offset,
+                               length=want)
+        data, reported, eof = self._check(r, want)
+        self.offset += len(data)
+        self._done = eof or not data or self.offset >= stop
+        return data, reported
+
+    def _check_limit(self) -> None:
+        if self.offset > self.max_bytes:
+            self._done = True
+            raise FileTooLargeError(f"{self.path} gave more than {self.max_bytes} bytes (the limit), and is not "
+                                    "a regular file of a known size")
+
+    def _check(self, r: dict[str, Any], want: int) -> tuple[bytes, int, bool]:
+        """(data, size, eof) of a file_read reply; anything malformed is a protocol violation."""
+        raw, size, eof = r.get("data_b64"), r.get("size"), r.get("eof")
+        if not isinstance(raw, str) or not isinstance(eof, bool) or not isinstance(size, int) \
+                or isinstance(size, bool) or size < 0:
+            raise self._violation("a file_read reply without data_b64, size and eof")
+        try:
+            data = base64.b64decode(raw, validate=True)
+        except binascii.Error:
+            raise self._violation("a file_read reply whose data is not base64") from None
+        if len(data) > want:
+            raise self._violation(f"{len(data)} bytes of file data for a read of {want}")
+        return data, size, eof
+
+    def _violation(self, what: str) -> ForkdError:
+        self._done = True
+        return self._channel.protocol_violation("file_read", what)
 
 
 @dataclass
@@ -70,9 +153,11 @@ class Child:
 
     def exec(self, argv: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
              stdin: str | bytes | None = None, timeout: float | None = 30.0,
-             max_output: int = 1 << 20) -> ExecResult:
-        """Run a process in the guest. ``timeout`` (seconds) kills its process group when it expires."""
-        args: dict[str, Any] = {"argv": list(argv), "timeout": timeout, "max_output": max_output}
+             max_output: int = EXEC_OUTPUT_MAX) -> ExecResult:
+        """Run a process in the guest. ``timeout`` (seconds) kills its process group when it expires.
+        ``max_output`` (bytes kept per stream) is at most EXEC_OUTPUT_MAX, so that the reply fits in a line
+        the host accepts; beyond, the output is truncated as if asked for that much."""
+        args: dict[str, Any] = {"argv": list(argv), "timeout": timeout, "max_output": min(max_output, EXEC_OUTPUT_MAX)}
         if env is not None:
             args["env"] = env
         if cwd is not None:
@@ -84,16 +169,14 @@ class Child:
         wait = None if timeout is None else timeout + 30.0
         return ExecResult.from_reply(self.vm.channel.call("exec", reply_timeout=wait, **args))
 
-    def read_file(self, path: str, timeout: float = 60.0) -> bytes:
-        """The whole file, read in chunks (binary safe)."""
-        out, offset = bytearray(), 0
-        while True:
-            r = self.vm.channel.call("file_read", reply_timeout=timeout, path=path, offset=offset, length=8 << 20)
-            chunk = base64.b64decode(r["data_b64"])
-            out += chunk
-            offset += len(chunk)
-            if r.get("eof") or not chunk:
-                return bytes(out)
+    def read_file(self, path: str, timeout: float = 60.0, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+        """The whole file, read in chunks (binary safe); FileTooLargeError beyond ``max_bytes`` (see
+        FileChunks). ``timeout`` is per chunk, in seconds."""
+        return b"".join(self.iter_file(path, max_bytes, timeout))
+
+    def iter_file(self, path: str, max_bytes: int = MAX_FILE_BYTES, timeout: float = 60.0) -> FileChunks:
+        """The file as an iterator of chunks, to stream it; the first chunk is read now (see FileChunks)."""
+        return FileChunks(self.vm.channel, path, max_bytes, timeout)
 
     def write_file(self, path: str, data: bytes | str, mode: int = 0o644, timeout: float = 60.0) -> int:
         """Write a whole file (binary safe), replacing it atomically. Large files go in chunks to a

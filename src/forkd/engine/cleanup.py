@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +22,56 @@ GRACE_S = 120.0
 class CleanupReport:
     removed: list[str] = field(default_factory=list)
     kept_live: list[str] = field(default_factory=list)
+    killed: list[str] = field(default_factory=list)  # orphaned QEMUs: "<pid> <vm id>: why"
 
     def to_json(self) -> dict[str, list[str]]:
-        return {"removed": self.removed, "kept_live": self.kept_live}
+        return {"removed": self.removed, "kept_live": self.kept_live, "killed": self.killed}
+
+
+@dataclass(frozen=True)
+class Orphan:
+    """A QEMU that forkd started (its ``-name`` says so) whose work dir is gone: nobody can reach it."""
+
+    pid: int
+    vm_id: str
+    log: str
+
+    def __str__(self) -> str:
+        return f"{self.pid} {self.vm_id}: its work dir is gone ({self.log})"
+
+
+def orphans() -> list[Orphan]:
+    """Every forkd QEMU on this host whose work dir no longer exists, whichever run dir it had.
+
+    A VM's stdout is its work dir's ``qemu.log``; when the work dir was removed while QEMU ran (a
+    controller that died between the two), the kernel shows that file as deleted."""
+    out = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+            if not args or not os.path.basename(args[0]).startswith(b"qemu-system"):
+                continue
+            name = next((b.decode() for a, b in zip(args, args[1:], strict=False) if a == b"-name"), "")
+            if not name.startswith("forkd-"):
+                continue
+            log = os.readlink(proc / "fd" / "1")
+        except (OSError, UnicodeDecodeError):
+            continue
+        if log.endswith("/qemu.log (deleted)") or (log.endswith("/qemu.log") and not Path(log).parent.is_dir()):
+            out.append(Orphan(int(proc.name), name.removeprefix("forkd-"), log))
+    return out
+
+
+def kill_orphans(dry_run: bool = False) -> list[str]:
+    """Kill (SIGKILL) every orphaned forkd QEMU; returns what was (or would be) killed."""
+    found = orphans()
+    if not dry_run:
+        for o in found:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(o.pid, signal.SIGKILL)
+    return [str(o) for o in found]
 
 
 def sweep_cgroups(run_dir: Path, dry_run: bool = False) -> list[str]:
@@ -57,6 +107,7 @@ def sweep(run_dir: Path, store: SnapshotStore | None = None, dry_run: bool = Fal
             if not dry_run:
                 shutil.rmtree(d, ignore_errors=True)
             rep.removed.append(str(d))
+    rep.killed = kill_orphans(dry_run)
     rep.removed += sweep_cgroups(run_dir, dry_run)
     if store is not None:
         if dry_run:

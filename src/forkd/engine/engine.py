@@ -30,6 +30,7 @@ from forkd.paths import validate_tag
 log = logging.getLogger(__name__)
 MAX_CHILDREN = 1000
 MIN_LIMIT_MIB = 64
+MIN_CPU_LIMIT, MAX_CPU_LIMIT = 0.01, 256.0
 NETNS_PREFIX = "forkd-child-"
 
 
@@ -77,10 +78,11 @@ class Engine:
         and save it as snapshot ``tag``."""
         from forkd.guest.image import require_image
 
-        spec, reason = make_spec(memory_mib, vcpus, self._accel_request)
+        make_spec(memory_mib, vcpus, self._accel_request)  # bad arguments fail before anything else
         if self.store.exists(tag):  # before building or finding the image
             raise SnapshotExistsError(f"snapshot {tag} already exists; delete it first (forkd snapshot rm {tag})")
         img = image or require_image()
+        spec, reason = make_spec(memory_mib, vcpus, self._accel_request, kernel_cmdline=img.cmdline)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         return create_snapshot(self.store, tag, spec, reason, self.qemu, img, self.run_dir,
                                warm_code=warm_code, boot_timeout=boot_timeout, keep_workdir=keep_workdir, step=step,
@@ -129,7 +131,7 @@ class Engine:
         return chain.info(self.store, validate_tag(tag))
 
     # -- pools
-    def start_pool(self, tag: str, size: int, network: str = "user") -> Pool:
+    def start_pool(self, tag: str, size: int, network: str = "internet") -> Pool:
         """Keep ``size`` QEMUs waiting for snapshot ``tag`` (resizes an existing pool)."""
         if size < 0:
             raise ValidationError(f"pool size must be >= 0; got {size}")
@@ -157,9 +159,9 @@ class Engine:
 
     # -- children
     def spawn(self, tag: str, n: int = 1, *, concurrency: int | None = None, timeout: float = 120.0,
-              network: str = "user", use_pool: bool = True, memory_limit_mib: int | None = None,
-              per_child_netns: bool = False, expose: tuple[int, ...] = (),
-              then: Callable[[Child], Any] | None = None) -> list[SpawnResult]:
+              network: str = "internet", use_pool: bool = True, memory_limit_mib: int | None = None,
+              per_child_netns: bool = False, expose: tuple[int, ...] = (), netns: str | None = None,
+              cpu_limit: float | None = None, then: Callable[[Child], Any] | None = None) -> list[SpawnResult]:
         """Start ``n`` children of snapshot ``tag``; each succeeds or fails on its own.
 
         ``timeout`` (seconds) bounds each child's restore; ``concurrency`` is how many restore at once
@@ -167,7 +169,8 @@ class Engine:
         is up (e.g. its first command), and its result lands in ``SpawnResult.then``.
         ``memory_limit_mib`` caps each child (cgroup); ``per_child_netns`` runs child i in network
         namespace ``forkd-child-<i>`` (the lowest numbers no live child uses); ``expose`` forwards
-        guest TCP ports from host loopback ports.
+        guest TCP ports from host loopback ports; ``netns`` runs every child in that (existing) network
+        namespace instead; ``cpu_limit`` caps each child at that many CPUs (cgroup quota).
         """
         if not isinstance(n, int) or not 1 <= n <= MAX_CHILDREN:
             raise ValidationError(f"n must be an integer in 1..{MAX_CHILDREN}; got {n!r}")
@@ -178,18 +181,25 @@ class Engine:
         for port in expose:
             if not isinstance(port, int) or not 1 <= port <= 65535:
                 raise ValidationError(f"expose: ports must be integers in 1..65535; got {port!r}")
+        if cpu_limit is not None and (isinstance(cpu_limit, bool) or not isinstance(cpu_limit, (int, float))
+                                      or not MIN_CPU_LIMIT <= cpu_limit <= MAX_CPU_LIMIT):
+            raise ValidationError(f"cpu_limit must be a number of CPUs in {MIN_CPU_LIMIT}..{MAX_CPU_LIMIT}; "
+                                  f"got {cpu_limit!r}")
+        if netns is not None and per_child_netns:
+            raise ValidationError("netns and per_child_netns cannot be used together")
         snap = self.open_snapshot(tag)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        plain = network == "user" and memory_limit_mib is None and not per_child_netns and not expose
+        plain = (network in ("internet", "user") and memory_limit_mib is None and cpu_limit is None
+                 and not per_child_netns and not expose and netns is None)
         pool = self.pool(snap.memory_owner) if use_pool and plain else None
-        netns = self._free_netns(n) if per_child_netns else [None] * n
+        namespaces = self._free_netns(n) if per_child_netns else [netns] * n
         workers = max(1, min(n, concurrency or os.cpu_count() or 2))
 
         def one(i: int) -> SpawnResult:
             t0 = time.monotonic()
             try:
                 res = SpawnResult(i, child=self._restore_one(snap, pool, timeout, network, memory_limit_mib,
-                                                             netns[i], tuple(expose)))
+                                                             namespaces[i], tuple(expose), cpu_limit))
             except ForkdError as e:
                 return SpawnResult(i, error=str(e))
             except OSError as e:
@@ -219,7 +229,7 @@ class Engine:
 
     def _restore_one(self, snap: Snapshot, pool: Pool | None, timeout: float, network: str,
                      memory_limit_mib: int | None = None, netns: str | None = None,
-                     expose: tuple[int, ...] = ()) -> Child:
+                     expose: tuple[int, ...] = (), cpu_limit: float | None = None) -> Child:
         vm: VMProcess | None = pool.take() if pool is not None else None
         t0 = time.monotonic()
         try:
@@ -227,7 +237,7 @@ class Engine:
                 send_state(vm, snap)
                 return finish_restore(vm, snap, t0, timeout, from_pool=True)
             vm = launch_child(snap, self.qemu, self.run_dir, network=network, memory_limit_mib=memory_limit_mib,
-                              netns=netns, expose=expose)
+                              netns=netns, expose=expose, cpu_limit=cpu_limit)
             return finish_restore(vm, snap, t0, timeout)
         except BaseException:
             if vm is not None:

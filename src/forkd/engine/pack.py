@@ -17,7 +17,10 @@ Unpacking never trusts the archive: members are read one by one from the stream 
 directory per link, each must be a regular file listed in the manifest, each file's size and sha256
 are checked while it is written, every link's snapshot.json must agree with the manifest and with the
 chain (parents, memory sources and their hashes), and the links are registered (renamed into place,
-root first) only once everything agrees. A link already here with the same files is reused.
+root first) only once everything agrees. A link already here with the same files is reused. Before
+anything is written the pack must fit: at most MAX_CHAIN snapshots, MAX_UNPACK_BYTES of files, and room
+for them (at full size) on the snapshot root's filesystem with FREE_MARGIN_BYTES to spare; every
+snapshot.json's machine spec must be one this forkd version writes (``specguard``).
 Host compatibility (QEMU version, accelerator) is checked at restore time; unpack only warns.
 """
 
@@ -42,8 +45,9 @@ from typing import IO, Any, cast
 import zstandard
 
 from forkd import __version__
-from forkd.engine.chain import ancestors
-from forkd.engine.snapshot import MEMORY_NAME, META_NAME, VMSTATE_NAME, Snapshot, SnapshotMeta, SnapshotStore
+from forkd.engine.chain import MAX_DEPTH, ancestors
+from forkd.engine.snapshot import MEMORY_NAME, META_NAME, VMSTATE_NAME, Snapshot, SnapshotMeta, SnapshotStore, seal
+from forkd.engine.specguard import MAX_MEMORY_MIB
 from forkd.engine.verify import remember_verified, verify_sha256
 from forkd.errors import (
     ForkdError,
@@ -66,6 +70,10 @@ CHUNK = 1 << 20
 MAX_MANIFEST_BYTES = 1 << 20
 MAX_META_BYTES = 16 << 20
 MAX_EXT_HEADER_BYTES = 64 << 10  # pax / GNU long-name headers
+MAX_CHAIN = MAX_DEPTH + 1  # snapshots in a pack: the deepest chain ``ancestors`` follows, and its leaf
+# uncompressed bytes in a pack: twice the largest snapshot this forkd makes (memory.bin, vmstate, metadata)
+MAX_UNPACK_BYTES = 2 * (MAX_MEMORY_MIB << 20)
+FREE_MARGIN_BYTES = 1 << 30  # left free on the snapshot root's filesystem after an unpack
 _REGULAR = (tarfile.REGTYPE, tarfile.AREGTYPE)
 _EXT_HEADER_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
                      tarfile.GNUTYPE_LONGLINK)
@@ -159,7 +167,7 @@ def _pack_links(store: SnapshotStore, tag: str) -> list[_PackLink]:
         meta_bytes = (snap.path / META_NAME).read_bytes()
         try:
             meta_now = SnapshotMeta.from_json(json.loads(meta_bytes))
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, SnapshotInvalidError) as e:
             raise PackError(f"snapshot {t}: {META_NAME} changed while it was being packed: {e}") from e
         if meta_now.to_json() != m.to_json():
             raise PackError(f"snapshot {t}: {META_NAME} changed while it was being packed; try again")
@@ -205,6 +213,9 @@ def pack(store: SnapshotStore, tag: str, out: Path, *, progress: ByteProgress | 
     manifest_bytes = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
 
     total = sum(r["size"] for r in records)
+    if total > MAX_UNPACK_BYTES:
+        raise PackError(f"snapshot {tag} and its chain add up to {total} bytes; a pack holds at most "
+                        f"{MAX_UNPACK_BYTES} ({MAX_UNPACK_BYTES >> 30} GiB), which is all unpack accepts")
     done = 0
 
     def advance(n: int) -> None:
@@ -386,6 +397,9 @@ def _parse_manifest(data: bytes) -> tuple[str, list[str], dict[str, _Entry]]:
     try:
         if not isinstance(chain, list) or not chain:
             raise PackError(f"corrupt archive: {MANIFEST_NAME} has no chain")
+        if len(chain) > MAX_CHAIN:
+            raise PackError(f"refused archive: its chain holds {len(chain)} snapshots; this forkd unpacks at most "
+                            f"{MAX_CHAIN} (a snapshot and at most {MAX_DEPTH} ancestors)")
         for t in chain:
             validate_tag(t, "chain entry")
         validate_tag(tag, "manifest tag")
@@ -417,7 +431,33 @@ def _parse_manifest(data: bytes) -> tuple[str, list[str], dict[str, _Entry]]:
         if missing:
             raise PackError(f"corrupt archive: {MANIFEST_NAME} lists no {', '.join(missing)} for {t}, "
                             "a snapshot of its chain")
+    total = sum(e.size for e in entries.values())
+    if total > MAX_UNPACK_BYTES:
+        raise PackError(f"refused archive: its files add up to {total} bytes; this forkd unpacks at most "
+                        f"{MAX_UNPACK_BYTES} ({MAX_UNPACK_BYTES >> 30} GiB)")
     return tag, chain, entries
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes an unprivileged process may still write on the filesystem of ``path``."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def _check_room(store: SnapshotStore, entries: dict[str, _Entry], links: list[str]) -> None:
+    """PackError unless the files of ``links`` (the ones to be written; at their full size, as if they had
+    no holes) fit on the snapshot root's filesystem with FREE_MARGIN_BYTES to spare."""
+    need = sum(e.size for e in entries.values() if e.dir in links)
+    if need == 0:  # every link is already here: nothing to write
+        return
+    try:
+        free = free_bytes(store.root)
+    except OSError as e:
+        raise PackError(f"cannot tell the free space of {store.root}: {e.strerror or e}") from e
+    if need + FREE_MARGIN_BYTES > free:
+        raise PackError(f"not enough disk space to unpack: its files need up to {need} bytes, {store.root} has "
+                        f"{free} free and {FREE_MARGIN_BYTES} must stay free; free some space or unpack elsewhere "
+                        "(FORKD_SNAPSHOT_ROOT)")
 
 
 def _check_member(ti: tarfile.TarInfo, entries: dict[str, _Entry], seen: set[str]) -> _Entry:
@@ -454,8 +494,10 @@ def _extract(src: IO[bytes], dest: Path | None, entry: _Entry) -> None:
             b = src.read(CHUNK)
             if not b:
                 break
-            h.update(b)
             n += len(b)
+            if n > entry.size:  # tarfile bounds a member by its header; never write past the manifest either
+                raise PackError(f"corrupt archive: {entry.path} runs past the {entry.size} bytes the manifest records")
+            h.update(b)
             if f is None:
                 continue
             if b == _ZERO_CHUNK:
@@ -487,6 +529,8 @@ def _check_meta(staging: Path, chain: list[str], tag: str, entries: dict[str, _E
     link, whose sha256 in the manifest is the one the delta records."""
     try:
         meta = SnapshotMeta.from_json(json.loads((staging / META_NAME).read_bytes()))
+    except SnapshotInvalidError as e:  # a machine spec this forkd version would not write
+        raise PackError(f"refused archive: {tag}/{e}") from e
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise PackError(f"corrupt archive: {tag}/{META_NAME} is invalid: {e}") from e
     if meta.tag != tag:
@@ -570,7 +614,7 @@ def _local_difference(store: SnapshotStore, local: str, link: str, entries: dict
         meta = SnapshotMeta.from_json(json.loads((path / META_NAME).read_bytes()))
     except FileNotFoundError:
         return None, f"it has no {META_NAME}"
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, SnapshotInvalidError) as e:
         return None, f"its {META_NAME} is unreadable ({e})"
     mine = {name: meta.files.get(name) or {} for name in _own_files(meta)}
     theirs = {name: entries[f"{link}/{name}"] for name in (VMSTATE_NAME, MEMORY_NAME) if f"{link}/{name}" in entries}
@@ -606,6 +650,7 @@ def _publish(store: SnapshotStore, staging: Path, tag: str, replace: bool) -> Pa
     """Rename ``staging`` into place as snapshot ``tag``. ``replace``: an existing one is renamed away
     first, and its new path (to delete, or to put back) is returned."""
     final = store.path(tag)
+    seal(staging)
     if replace and (final.exists() or final.is_symlink()):
         trash = store.root / f".deleting-{tag}-{secrets.token_hex(4)}"
         os.rename(final, trash)
@@ -726,9 +771,10 @@ def unpack_chain(store: SnapshotStore, archive: Path, *, tag: str | None = None,
                         "replace " + ("them" if len(conflicts) > 1 else "it")
                         + (" or --tag to unpack it under another name" if len(chain) == 1 else ""))
                 store.root.mkdir(parents=True, exist_ok=True)
+                _check_room(store, entries, [t for t in chain if force or plan[t] != "reuse"])
                 for t in chain:
                     stagings[t] = store.root / f".staging-{names[t]}-{os.getpid()}-{secrets.token_hex(4)}"
-                    stagings[t].mkdir(mode=0o755)
+                    stagings[t].mkdir(mode=0o700)
                 metas: dict[str, SnapshotMeta] = {}
                 seen: set[str] = set()
                 while (ti := tar.next()) is not None:
@@ -765,7 +811,7 @@ def unpack_chain(store: SnapshotStore, archive: Path, *, tag: str | None = None,
             raise PackError(f"corrupt archive: {e}") from e
         if tag is not None and tag != pack_tag:
             metas[pack_tag].tag = tag
-            atomic_write_json(stagings[pack_tag] / META_NAME, metas[pack_tag].to_json())
+            atomic_write_json(stagings[pack_tag] / META_NAME, metas[pack_tag].to_json(), mode=0o600)
         result = UnpackResult(tags=[names[t] for t in chain])
         for t in chain:
             if plan[t] != "reuse":

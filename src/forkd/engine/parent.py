@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from forkd.engine import clock
 from forkd.engine.qemu import MachineSpec, QemuBinary
 from forkd.engine.restore import CAPS
 from forkd.engine.snapshot import (
@@ -91,6 +92,19 @@ def settle(vm: VMProcess, max_s: float = 60.0, window_s: float = 1.0, quiet: flo
     return time.monotonic() - t0
 
 
+def check_clock(vm: VMProcess) -> clock.ClockReport:
+    """Refuse a parent that would tick periodically: every child would inherit the tick."""
+    report = clock.measure(vm.channel)
+    problems = report.problems()
+    if problems:
+        raise SnapshotError(
+            "the parent's guest clock is not tickless, so every child would burn host CPU while idle: "
+            + "; ".join(problems) + f". Kernel command line: {vm.channel.call('clock_info')['cmdline']!r}. "
+            "Rebuild the image (forkd image build --force) so it boots with tsc=reliable, and check "
+            "forkd doctor")
+    return report
+
+
 def save_state(vm: VMProcess, vmstate: Path, timeout: float = 120.0) -> float:
     """Pause the parent and write its device state (RAM is already in the shared memory file)."""
     t0 = time.monotonic()
@@ -132,7 +146,9 @@ def create_snapshot(store: SnapshotStore, tag: str, spec: MachineSpec, accel_rea
         warm_s = time.monotonic() - t
         say("letting the guest settle")
         settle_s = settle(vm, max_s=settle_max_s)
-        say(f"settled after {settle_s:.1f} s; saving state")
+        say(f"settled after {settle_s:.1f} s; checking the guest clock")
+        clk = check_clock(vm)
+        say(f"clock {clk.clocksource}, tickless, {clk.timer_irq_per_s or 0:.1f} timer interrupts/s idle; saving state")
         save_s = save_state(vm, staging / VMSTATE_NAME)
         vm.kill(remove_workdir=not keep_workdir)  # the parent must never run again: it shares memory.bin
         say("hashing and publishing")
@@ -141,7 +157,7 @@ def create_snapshot(store: SnapshotStore, tag: str, spec: MachineSpec, accel_rea
             host_cpu=host_cpu_model(),
             image={"id": image.image_id, "kernel_version": image.kernel_version},  # type: ignore[attr-defined]
             guest={"agent_version": ready.get("agent_version"), "python": info.get("python"),
-                   "numpy": info.get("numpy")},
+                   "numpy": info.get("numpy"), "clock": clk.to_json()},
             files={}, timings={"boot_s": round(boot_s, 3), "warm_s": round(warm_s, 3), "settle_s": round(settle_s, 2),
                                "save_ms": round(save_s * 1000, 2)})
         snap = store.publish(staging, meta)

@@ -27,7 +27,7 @@ class Pool:
     """Pre-started QEMUs for snapshot ``snap``; ``take()`` hands one out, the refill thread replaces it."""
 
     def __init__(self, snap: Snapshot, qemu: QemuBinary, run_dir: Path, size: int,
-                 network: str = "user", start: bool = True) -> None:
+                 network: str = "internet", start: bool = True) -> None:
         if size < 0:
             raise ValueError("pool size must be >= 0")
         self.snap = snap

@@ -15,12 +15,21 @@ import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from forkd.engine.jail import JailSpec
+from forkd.engine.jail import qemu_args as jail_args
+from forkd.engine.specguard import check_spec_json
 from forkd.errors import VMError
 
 AGENT_PORT_NAME = "org.forkd.agent"
 GUEST_MAC = "52:54:00:12:34:56"
 # QEMU's own seccomp filter: a compromised QEMU cannot exec, raise privileges or use obsolete calls.
 SANDBOX_OPTS = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+# A jailed QEMU calls setuid/setgid itself (after the filter is in place) to drop root; once it has,
+# it has no capabilities and no_new_privs, so set*id can no longer raise anything.
+JAILED_SANDBOX_OPTS = "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny"
+#: A child's serial console is a ring in QEMU's memory (the last CONSOLE_RING bytes, read over QMP):
+#: a guest writing to it for ever costs the host nothing more.
+CONSOLE_RING = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -80,17 +89,15 @@ class MachineSpec:
         return d
 
     @classmethod
-    def from_json(cls, d: dict[str, object]) -> MachineSpec:
-        return cls(
-            memory_mib=int(d["memory_mib"]),  # type: ignore[call-overload]
-            vcpus=int(d["vcpus"]),  # type: ignore[call-overload]
-            machine=str(d["machine"]),
-            machine_opts=str(d["machine_opts"]),
-            accel=str(d["accel"]),
-            accel_opts=str(d.get("accel_opts", "")),
-            cpu=str(d["cpu"]),
-            devices=tuple(str(x) for x in d["devices"]),  # type: ignore[attr-defined]
-        )
+    def from_json(cls, d: object) -> MachineSpec:
+        """The spec recorded in snapshot.json; SnapshotInvalidError (naming the field and the rule)
+        unless every field is one this forkd version writes (see ``specguard``)."""
+        return cls(**check_spec_json(d, default_devices()))
+
+    def check(self) -> MachineSpec:
+        """This spec, re-checked as ``from_json`` checks a recorded one (before it reaches a QEMU argv)."""
+        check_spec_json(self.to_json(), default_devices())
+        return self
 
 
 def default_devices() -> tuple[str, ...]:
@@ -114,9 +121,10 @@ class HostSide:
     name: str
     agent_fd: int
     qmp_fd: int
-    console_path: Path
+    console_path: Path | None  # None: the console is a ring (CONSOLE_RING bytes, QMP ringbuf-read)
     netdev: str = "user,id=net0"
     sandbox: bool = True
+    jail: JailSpec | None = None
 
 
 def build_argv(qemu: QemuBinary, spec: MachineSpec, host: HostSide, memory_path: Path, *,
@@ -135,12 +143,17 @@ def build_argv(qemu: QemuBinary, spec: MachineSpec, host: HostSide, memory_path:
             "-accel", accel, "-cpu", spec.cpu, "-smp", str(spec.vcpus), "-m", f"{spec.memory_mib}M",
             "-machine", machine, "-object", mem]
     if host.sandbox:
-        argv += ["-sandbox", SANDBOX_OPTS]
+        argv += ["-sandbox", JAILED_SANDBOX_OPTS if host.jail is not None else SANDBOX_OPTS]
+    if host.jail is not None:
+        argv += jail_args(qemu.version, host.jail)
     if boot is not None:
         kernel, initrd, cmdline = boot
         argv += ["-kernel", str(kernel), "-initrd", str(initrd), "-append", cmdline]
-    argv += ["-serial", f"file:{host.console_path}",
-             "-chardev", f"socket,id=agent,fd={host.agent_fd},server=on,wait=off",
+    if host.console_path is None:
+        argv += ["-chardev", f"ringbuf,id=console,size={CONSOLE_RING}", "-serial", "chardev:console"]
+    else:
+        argv += ["-serial", f"file:{host.console_path}"]
+    argv += ["-chardev", f"socket,id=agent,fd={host.agent_fd},server=on,wait=off",
              "-chardev", f"socket,id=qmp,fd={host.qmp_fd},server=on,wait=off",
              "-mon", "chardev=qmp,mode=control",
              "-netdev", host.netdev]

@@ -23,7 +23,7 @@ from forkd.errors import AgentError, ChannelClosedError, ForkdError, VMError
 
 CAPS = {"capabilities": [{"capability": "x-ignore-shared", "state": True},
                          {"capability": "events", "state": True}]}
-NETWORKS = ("user", "none")
+NETWORKS = ("internet", "none", "user")  # "user": the old name of "internet"
 # After an incoming migration QEMU makes the guest announce itself on the network (gratuitous ARP
 # rounds). A child's user-mode network is private to it, so nobody needs the announcement, and it
 # costs every child a burst of cold guest network code.
@@ -36,8 +36,9 @@ def new_child_id() -> str:
 
 
 def netdev_for(network: str, ports: dict[int, int] | None = None) -> str:
-    """QEMU -netdev for a child: its own user-mode stack, or one that reaches nothing (``none``);
-    ``ports`` maps guest TCP ports to host loopback ports forwarded to them."""
+    """QEMU -netdev for a child: its own user-mode stack (``internet``: what it may reach is decided by
+    ``netfilter``), or one that opens no connection at all (``none``); ``ports`` maps guest TCP ports
+    to host loopback ports forwarded to them."""
     nd = "user,id=net0,restrict=on" if network == "none" else "user,id=net0"
     for guest, host in sorted((ports or {}).items()):
         nd += f",hostfwd=tcp:127.0.0.1:{int(host)}-:{int(guest)}"
@@ -51,9 +52,9 @@ def free_loopback_port() -> int:
 
 
 def launch_child(snap: Snapshot, qemu: QemuBinary, run_dir: Path, *, child_id: str | None = None,
-                 network: str = "user", preload: bool = True, meta: dict[str, Any] | None = None,
+                 network: str = "internet", preload: bool = True, meta: dict[str, Any] | None = None,
                  memory_limit_mib: int | None = None, netns: str | None = None,
-                 expose: tuple[int, ...] = ()) -> VMProcess:
+                 expose: tuple[int, ...] = (), cpu_limit: float | None = None) -> VMProcess:
     """Start a child QEMU waiting for its state (``preload=False``: a pool member) or loading it now.
 
     ``expose`` lists guest TCP ports to forward from free host loopback ports (in the child's network
@@ -71,7 +72,7 @@ def launch_child(snap: Snapshot, qemu: QemuBinary, run_dir: Path, *, child_id: s
         vm, _ = VMProcess.launch(
             child_id, run_dir / child_id, qemu, snap.meta.spec, snap.memory, share=False, incoming=True,
             netdev=netdev_for(network, ports), pass_fds=pass_fds, qmp_ahead=ahead,
-            memory_limit_mib=memory_limit_mib, netns=netns,
+            memory_limit_mib=memory_limit_mib, netns=netns, cpu_limit=cpu_limit,
             meta={"role": "child", "snapshot": snap.tag, "network": network,
                   "ports": {str(g): h for g, h in ports.items()}, **(meta or {})})
     finally:
@@ -111,7 +112,7 @@ def finish_restore(vm: VMProcess, snap: Snapshot, t_launch: float, timeout: floa
         if not vm.alive():
             raise VMError(f"child {vm.vm_id} of {snap.tag} died while restoring: {vm.describe_exit()}") from e
         raise VMError(f"child {vm.vm_id} of {snap.tag} did not answer within {timeout} s after restore; "
-                      f"console: {vm.workdir.console}") from e
+                      f"console tail:\n{vm.console_tail()}") from e
     now = time.time()
     child.ready_s = time.monotonic() - t_launch
     child.fresh = res

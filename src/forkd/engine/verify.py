@@ -59,7 +59,7 @@ def verify_sha256(path: Path, expected: str, what: str) -> None:
         data[path.name] = {"identity": ident, "sha256": expected}
         # a read-only snapshot root still works; it just re-hashes in the next process
         with contextlib.suppress(OSError):
-            atomic_write_json(cache, data)
+            atomic_write_json(cache, data, mode=0o600)
 
 
 def remember_verified(path: Path, digest: str) -> None:
@@ -70,4 +70,4 @@ def remember_verified(path: Path, digest: str) -> None:
         cache = path.parent / CACHE_NAME
         data = _load_cache(cache)
         data[path.name] = {"identity": ident, "sha256": digest}
-        atomic_write_json(cache, data)
+        atomic_write_json(cache, data, mode=0o600)

@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from forkd.engine import cgroup
-from forkd.engine.channel import AgentChannel
-from forkd.engine.qemu import HostSide, MachineSpec, QemuBinary, build_argv
+from forkd.engine import cgroup, jail, netfilter
+from forkd.engine.channel import ADOPT_LEFTOVER_LINES, AgentChannel
+from forkd.engine.qemu import CONSOLE_RING, HostSide, MachineSpec, QemuBinary, build_argv
 from forkd.engine.qmp import QMPClient
-from forkd.errors import ValidationError, VMError
+from forkd.errors import ForkdError, ValidationError, VMError
 from forkd.fsutil import atomic_write_json, tail
 
 META = "vm.json"
@@ -129,17 +129,15 @@ def disable_thp_for_children() -> bool:
 NETNS_DIR = Path("/var/run/netns")
 
 
-def netns_prefix(netns: str | None) -> list[str]:
-    """The command prefix that runs QEMU inside network namespace ``netns`` (checked to exist)."""
+def netns_path(netns: str | None) -> str | None:
+    """The file of network namespace ``netns`` (checked to exist), which QEMU enters before exec."""
     if netns is None:
-        return []
-    if not (NETNS_DIR / netns).exists():
+        return None
+    path = NETNS_DIR / netns
+    if "/" in netns or not path.exists():
         raise ValidationError(f"network namespace {netns} does not exist; create the child namespaces "
                               "with: scripts/netns-setup.sh N")
-    ip = shutil.which("ip")
-    if ip is None:
-        raise ValidationError("per-child network namespaces need iproute2's ip: apt-get install -y iproute2")
-    return [ip, "netns", "exec", netns]
+    return str(path)
 
 
 def _listen(path: Path) -> socket.socket:
@@ -178,6 +176,7 @@ class VMProcess:
     popen: subprocess.Popen[bytes] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     cgroup: cgroup.Cgroup | None = None
+    violation: str | None = None  # why the agent's channel was closed and the VM killed
 
     @classmethod
     def launch(cls, vm_id: str, workdir: Path, qemu: QemuBinary, spec: MachineSpec, memory_path: Path, *,
@@ -185,30 +184,49 @@ class VMProcess:
                netdev: str = "user,id=net0", pass_fds: tuple[int, ...] = (),
                qmp_ahead: list[tuple[str, dict[str, Any] | None]] = (),  # type: ignore[assignment]
                meta: dict[str, Any] | None = None, memory_limit_mib: int | None = None,
-               netns: str | None = None) -> tuple[VMProcess, list[int]]:
-        """Start QEMU. Commands in ``qmp_ahead`` are written before it starts; their ids are returned.
+               netns: str | None = None, cpu_limit: float | None = None) -> tuple[VMProcess, list[int]]:
+        """Start QEMU, jailed (see ``jail``) unless jailing is off. Commands in ``qmp_ahead`` are written
+        before it starts; their ids are returned.
 
-        ``memory_limit_mib`` puts the process in a memory cgroup of its own; ``netns`` runs it inside
-        that network namespace (its user-mode network then reaches out from there).
+        ``memory_limit_mib`` caps the VM's cgroup (default when jailed: guest RAM + QEMU's overhead),
+        ``cpu_limit`` gives it a CPU quota; ``netns`` runs it inside that network namespace (its
+        user-mode network then reaches out from there). A parent (``boot``) logs its console to a file;
+        everyone else has a bounded console ring.
         """
         disable_thp_for_children()
-        prefix = netns_prefix(netns)
-        cg = cgroup.create(vm_id, memory_limit_mib) if memory_limit_mib is not None else None
+        netns_file = netns_path(netns)
+        jailed = jail.enabled()
         wd = WorkDir(workdir)
         wd.path.mkdir(mode=0o700, parents=True, exist_ok=False)
-        agent_l, qmp_l = _listen(wd.agent_sock), _listen(wd.qmp_sock)
-        agent_c = qmp_c = None
+        if share and not memory_path.exists():
+            # created here at its full size: a jailed QEMU may not grow a file past its FSIZE limit
+            with open(memory_path, "xb") as f:
+                os.fchmod(f.fileno(), 0o600)
+                f.truncate(spec.memory_mib << 20)
+        if jailed:
+            netfilter.ensure(netns_file)
+        lease = jail.lease_uid() if jailed else None
+        cg = None
+        agent_l = qmp_l = agent_c = qmp_c = None
         try:
+            if jailed or memory_limit_mib is not None or cpu_limit is not None:
+                cg = cgroup.create(vm_id, memory_limit_mib, guest_mib=spec.memory_mib, cpu_limit=cpu_limit)
+            spec_jail = jail.JailSpec(lease.uid, jail.make_root(wd.path)) if lease is not None else None
+            agent_l, qmp_l = _listen(wd.agent_sock), _listen(wd.qmp_sock)
             agent_c, qmp_c = _connect(wd.agent_sock), _connect(wd.qmp_sock)
             qmp = QMPClient(qmp_c, vm_name(vm_id))
             ids = [qmp.send("qmp_capabilities")] + [qmp.send(c, a) for c, a in qmp_ahead]
             host = HostSide(name=vm_name(vm_id), agent_fd=agent_l.fileno(), qmp_fd=qmp_l.fileno(),
-                            console_path=wd.console, netdev=netdev)
-            argv = prefix + build_argv(qemu, spec, host, memory_path, share=share, boot=boot, incoming=incoming)
+                            console_path=wd.console if boot is not None else None, netdev=netdev, jail=spec_jail)
+            argv = build_argv(qemu, spec, host, memory_path, share=share, boot=boot, incoming=incoming)
+            pre = jail.Preexec(cgroup_procs=cg.procs_files() if cg is not None else [], netns=netns_file,
+                               unshare=jailed, rlimits=jailed, oom_score_adj=jail.OOM_SCORE_ADJ if jailed else None,
+                               drop_caps=jailed)
+            fds = (agent_l.fileno(), qmp_l.fileno(), *pass_fds, *((lease.fd,) if lease is not None else ()))
             with open(wd.qemu_log, "wb") as log:
                 popen = subprocess.Popen(
-                    argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    pass_fds=(agent_l.fileno(), qmp_l.fileno(), *pass_fds),
+                    argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, pass_fds=fds,
+                    preexec_fn=pre.build() if pre.needed() else None,
                     start_new_session=True,  # children outlive the CLI's or daemon's process group
                 )
         except BaseException:
@@ -217,22 +235,22 @@ class VMProcess:
                     s.close()
             if cg is not None:
                 cg.remove(timeout=0)
+            shutil.rmtree(wd.path, ignore_errors=True)
             raise
         finally:
-            agent_l.close()
-            qmp_l.close()
+            for s in (agent_l, qmp_l):
+                if s is not None:
+                    s.close()
+            if lease is not None:
+                lease.close()  # QEMU holds the uid's lock from now on
         vm_meta = {"id": vm_id, "pid": popen.pid, "name": vm_name(vm_id), "started_at": time.time(),
-                   "memory_limit_mib": memory_limit_mib, "netns": netns, **(meta or {})}
+                   "memory_limit_mib": memory_limit_mib, "cpu_limit": cpu_limit, "netns": netns,
+                   "uid": spec_jail.uid if spec_jail is not None else None,
+                   "jail": str(spec_jail.root) if spec_jail is not None else None, **(meta or {})}
         vm = cls(vm_id=vm_id, workdir=wd, pid=popen.pid, qmp=qmp, channel=None,  # type: ignore[arg-type]
                  popen=popen, meta=vm_meta, cgroup=cg)
-        if cg is not None:
-            try:
-                cgroup.attach(cg, popen.pid)
-            except OSError as e:
-                vm.channel = AgentChannel(agent_c, vm_name(vm_id))
-                vm.kill()
-                raise VMError(f"cannot put VM {vm_id} in its memory cgroup {cg.path}: {e}") from e
-        vm.channel = AgentChannel(agent_c, vm_name(vm_id), vm.describe_exit)
+        vm.channel = AgentChannel(agent_c, vm_name(vm_id), vm.describe_exit, on_violation=vm.on_violation,
+                                  expect_ready=boot is not None)  # a restored agent announced itself in its parent
         atomic_write_json(wd.meta, vm_meta, mode=0o600)
         return vm, ids[1:]
 
@@ -250,7 +268,8 @@ class VMProcess:
         qmp.execute("qmp_capabilities", timeout=10)
         vm = cls(vm_id=vm_id, workdir=wd, pid=pid, qmp=qmp, channel=None, meta=meta,  # type: ignore[arg-type]
                  cgroup=cgroup.find(vm_id))
-        vm.channel = AgentChannel(_connect(wd.agent_sock, 5), vm_name(vm_id), vm.describe_exit)
+        vm.channel = AgentChannel(_connect(wd.agent_sock, 5), vm_name(vm_id), vm.describe_exit,
+                                  on_violation=vm.on_violation, leftover_lines=ADOPT_LEFTOVER_LINES)
         return vm
 
     def alive(self) -> bool:
@@ -270,9 +289,21 @@ class VMProcess:
             return None
         else:
             status = "process gone"
+        if self.violation is not None:
+            return f"killed: agent {self.violation}"
         if self.cgroup is not None and self.cgroup.oom_killed():
             return f"OOM-killed: over its memory limit of {self.meta.get('memory_limit_mib')} MiB ({status})"
         return status
+
+    def on_violation(self, reason: str) -> None:
+        """The agent broke its protocol (a hostile or broken guest): record why, SIGKILL the QEMU."""
+        self.violation = reason
+        self.meta["exit_reason"] = f"killed: agent {reason}"
+        with contextlib.suppress(ProcessLookupError):
+            if self.popen is not None:
+                self.popen.send_signal(signal.SIGKILL)
+            elif process_matches(self.pid, self.vm_id):
+                os.kill(self.pid, signal.SIGKILL)
 
     def describe_exit(self) -> str:
         # the channel may notice EOF a moment before the process is reaped
@@ -286,6 +317,20 @@ class VMProcess:
             return "QEMU is still running"
         log = tail(self.workdir.qemu_log, 1500).strip()
         return f"QEMU {status}" + (f"; QEMU said: {log}" if log else "")
+
+    def console_tail(self, limit: int = 4000) -> str:
+        """The end of the guest's serial console: its log file (a parent), or its ring, read over QMP
+        while the VM runs (everyone else). Empty when there is nothing to read."""
+        if self.workdir.console.exists():
+            return tail(self.workdir.console, limit)
+        if not self.alive():
+            return ""
+        try:
+            r = self.qmp.execute("ringbuf-read", {"device": "console", "size": CONSOLE_RING, "format": "utf8"},
+                                 timeout=5)
+        except ForkdError:
+            return ""
+        return str(r)[-limit:] if isinstance(r, str) else ""
 
     def disconnect(self) -> None:
         """Close our QMP and agent connections; the VM keeps running (and can be adopted again)."""

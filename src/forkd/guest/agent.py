@@ -42,6 +42,9 @@ AGENT_VERSION = "1"
 PORT_NAME = "org.forkd.agent"
 DIST_PACKAGES = "/usr/lib/python3/dist-packages"
 MAX_LINE = MAX_READ = 64 * 1024 * 1024
+#: The longest reply line: below the host's line limit (13 MiB: an 8 MiB file chunk in base64, or an
+#: exec reply with two 1 MiB streams, fit).
+MAX_REPLY = 12 * 1024 * 1024 + 512 * 1024
 RNDADDENTROPY, RNDRESEEDCRNG = 0x40085203, 0x5207
 START = time.clock_gettime(time.CLOCK_MONOTONIC)
 PYTHON = "{}.{}.{}".format(*sys.version_info[:3])
@@ -157,6 +160,36 @@ def op_ping(req: Request) -> dict[str, Any]:
     return {"agent_version": AGENT_VERSION, "python": PYTHON, "numpy": getattr(numpy, "__version__", None),
             "uptime_s": time.clock_gettime(time.CLOCK_MONOTONIC) - START, "pid": os.getpid(),
             "time": time.time()}
+
+
+def _read_text(path: str, limit: int = 1 << 16) -> str:
+    try:
+        with open(path, "rb") as f:
+            return f.read(limit).decode("ascii", "replace")
+    except OSError:
+        return ""
+
+
+def op_clock_info(req: Request) -> dict[str, Any]:
+    """The guest's clock and tick state: clocksource, high-resolution timers, tick mode, timer IRQs."""
+    timer_list = _read_text("/proc/timer_list", 1 << 20)
+
+    def first_int(pattern: str) -> int | None:
+        m = re.search(pattern + r"\s*:\s*(-?\d+)", timer_list, re.M)
+        return int(m.group(1)) if m else None
+
+    loc = None
+    for line in _read_text("/proc/interrupts").splitlines():
+        parts = line.split()
+        if parts and parts[0] == "LOC:":
+            loc = sum(int(x) for x in parts[1:] if x.isdigit())
+    cs = "/sys/devices/system/clocksource/clocksource0/"
+    return {"clocksource": _read_text(cs + "current_clocksource").strip(),
+            "available": _read_text(cs + "available_clocksource").split(),
+            "hres_active": first_int(r"^\s*\.hres_active"), "nohz_mode": first_int(r"^\s*\.nohz_mode"),
+            "tick_device_mode": first_int(r"^Tick Device: mode"), "local_timer_interrupts": loc,
+            "monotonic_s": time.clock_gettime(time.CLOCK_MONOTONIC),
+            "cmdline": _read_text("/proc/cmdline").strip()}
 
 
 def op_eval(req: Request) -> dict[str, Any]:
@@ -474,7 +507,7 @@ def op_fresh(req: Request) -> dict[str, Any]:
 
 
 OPS: dict[str, Callable[[Request], dict[str, Any]]] = {
-    "ping": op_ping, "eval": op_eval, "run_code": op_run_code, "exec": op_exec,
+    "ping": op_ping, "clock_info": op_clock_info, "eval": op_eval, "run_code": op_run_code, "exec": op_exec,
     "file_read": op_file_read, "file_write": op_file_write, "file_list": op_file_list,
     "file_stat": op_file_stat, "file_mkdir": op_file_mkdir, "file_remove": op_file_remove,
     "file_rename": op_file_rename, "fresh": op_fresh,
@@ -502,6 +535,10 @@ class Transport:
             line = json.dumps(obj, separators=(",", ":")) + "\n"
         except Exception as e:  # a result that cannot be encoded: say so instead
             line = json.dumps({"id": obj.get("id"), "ok": False, "error": _error(e, None)}) + "\n"
+        if len(line) > MAX_REPLY:  # the host refuses longer lines (and kills the sandbox): say so instead
+            err = {"type": "ReplyTooLarge", "message": f"the reply is {len(line)} bytes, more than the channel's "
+                   f"{MAX_REPLY}; return less (e.g. write it to a file and read that)", "traceback": None}
+            line = json.dumps({"id": obj.get("id"), "ok": False, "error": err}) + "\n"
         with self.wlock, contextlib.suppress(OSError):
             _write_all(self.wfd, line.encode("ascii"))
 

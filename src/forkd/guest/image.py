@@ -49,7 +49,11 @@ FALLBACK_KERNEL_META = "linux-image-amd64"
 
 #: Base kernel command line for ``-append`` (it keys the image id). The image's ``cmdline`` adds
 #: ``tsc_early_khz=<host TSC kHz>`` on x86-64 hosts, see :func:`kernel_cmdline`.
-KERNEL_CMDLINE = "console=ttyS0 panic=-1 quiet loglevel=3 random.trust_cpu=off"
+#: ``tsc=reliable``: the TSC is the clocksource whatever the host looks like (a guest that distrusts it
+#: falls back to jiffies and a 250 Hz tick forever). The rest removes periodic wake-ups an idle sandbox
+#: does not need: the lockup watchdogs, PSI averaging and the memory cgroup's stat flushing.
+KERNEL_CMDLINE = ("console=ttyS0 panic=-1 quiet loglevel=3 random.trust_cpu=off tsc=reliable "
+                  "nowatchdog nmi_watchdog=0 psi=0 cgroup_disable=memory")
 
 #: Host packages whose files go into the guest (their versions key the image id).
 HOST_PACKAGES = (

@@ -50,7 +50,7 @@ SNAPSHOT_MARGIN = 300.0
 UPLOAD_CHUNK = 1 << 20
 """Bytes per write of a request body (one big write is quadratic in httpcore's sync socket stream)."""
 MAX_CHILDREN = 1000
-NETWORKS = ("user", "none")
+NETWORKS = ("internet", "none", "user")  # "user": the old name of "internet"
 Params = dict[str, str | int | float | bool]
 
 

@@ -126,30 +126,31 @@ class AsyncController(b.BaseController):
 
     # -- sandboxes
     @overload
-    async def spawn_sandboxes(self, snapshot_tag: str, n: int = 1, *, network: str = "user",
+    async def spawn_sandboxes(self, snapshot_tag: str, n: int = 1, *, network: str = "internet",
                               memory_limit_mib: int | None = None, per_child_netns: bool = False,
                               timeout: float = 120.0,
                               return_exceptions: Literal[False] = False) -> list[AsyncSandbox]: ...
 
     @overload
-    async def spawn_sandboxes(self, snapshot_tag: str, n: int = 1, *, network: str = "user",
+    async def spawn_sandboxes(self, snapshot_tag: str, n: int = 1, *, network: str = "internet",
                               memory_limit_mib: int | None = None, per_child_netns: bool = False,
                               timeout: float = 120.0,
                               return_exceptions: Literal[True]) -> list[AsyncSandbox | SpawnError[AsyncSandbox]]: ...
 
     @overload
-    async def spawn_sandboxes(self, snapshot_tag: str, n: int = 1, *, network: str = "user",
+    async def spawn_sandboxes(self, snapshot_tag: str, n: int = 1, *, network: str = "internet",
                               memory_limit_mib: int | None = None, per_child_netns: bool = False,
                               timeout: float = 120.0, return_exceptions: bool
                               ) -> list[AsyncSandbox] | list[AsyncSandbox | SpawnError[AsyncSandbox]]: ...
 
-    async def spawn_sandboxes(self, snapshot_tag: str, n: int = 1, *, network: str = "user",
+    async def spawn_sandboxes(self, snapshot_tag: str, n: int = 1, *, network: str = "internet",
                               memory_limit_mib: int | None = None, per_child_netns: bool = False,
                               timeout: float = 120.0, return_exceptions: bool = False
                               ) -> list[AsyncSandbox] | list[AsyncSandbox | SpawnError[AsyncSandbox]]:
         """Fork ``n`` (1..1000) sandboxes from snapshot ``snapshot_tag``, in one request.
 
-        ``network`` is ``"user"`` (NAT to the outside) or ``"none"``; ``timeout`` the seconds allowed for
+        ``network`` is ``"internet"`` (public addresses only, with DNS; never this host or private ranges)
+        or ``"none"``; ``timeout`` the seconds allowed for
         each child's restore (children restore a few at a time, so the request may take up to
         ``n * timeout + 30`` seconds). Each child succeeds or fails on its own: if any fails, :class:`SpawnError`
         is raised with the ones that started in ``.sandboxes`` (still running: kill them or use them) and
@@ -160,7 +161,7 @@ class AsyncController(b.BaseController):
         results = b.spawn_results(await self._request(call), lambda info: AsyncSandbox(self, info))
         return results if return_exceptions else b.spawn_or_raise(results)
 
-    async def spawn_sandbox(self, snapshot_tag: str, *, network: str = "user", memory_limit_mib: int | None = None,
+    async def spawn_sandbox(self, snapshot_tag: str, *, network: str = "internet", memory_limit_mib: int | None = None,
                             per_child_netns: bool = False, timeout: float = 120.0) -> AsyncSandbox:
         """Fork one sandbox (see :meth:`spawn_sandboxes`); SpawnError if it failed to start."""
         return (await self.spawn_sandboxes(snapshot_tag, 1, network=network, memory_limit_mib=memory_limit_mib,
@@ -267,7 +268,8 @@ class AsyncFiles:
         self._sandbox = sandbox
 
     async def read(self, path: str) -> bytes:
-        """The file's bytes; NotFoundError if it does not exist."""
+        """The file's bytes; NotFoundError if it does not exist, PayloadTooLargeError if it is larger
+        than the controller serves (256 MiB)."""
         sb = self._sandbox
         return await sb._request(b.op_read_file(sb.id, path))
 

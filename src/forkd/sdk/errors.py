@@ -108,7 +108,8 @@ class ConflictError(APIStatusError):
 
 
 class PayloadTooLargeError(APIStatusError):
-    """413: the request body is larger than the controller accepts (256 MiB for a file upload)."""
+    """413: the request body is larger than the controller accepts (256 MiB for a file upload), or the
+    guest file asked for is larger than it serves (256 MiB, or a device that gives more)."""
 
 
 class UnprocessableEntityError(APIStatusError):

@@ -121,26 +121,27 @@ class Controller(b.BaseController):
 
     # -- sandboxes
     @overload
-    def spawn_sandboxes(self, snapshot_tag: str, n: int = 1, *, network: str = "user",
+    def spawn_sandboxes(self, snapshot_tag: str, n: int = 1, *, network: str = "internet",
                         memory_limit_mib: int | None = None, per_child_netns: bool = False, timeout: float = 120.0,
                         return_exceptions: Literal[False] = False) -> list[Sandbox]: ...
 
     @overload
-    def spawn_sandboxes(self, snapshot_tag: str, n: int = 1, *, network: str = "user",
+    def spawn_sandboxes(self, snapshot_tag: str, n: int = 1, *, network: str = "internet",
                         memory_limit_mib: int | None = None, per_child_netns: bool = False, timeout: float = 120.0,
                         return_exceptions: Literal[True]) -> list[Sandbox | SpawnError[Sandbox]]: ...
 
     @overload
-    def spawn_sandboxes(self, snapshot_tag: str, n: int = 1, *, network: str = "user",
+    def spawn_sandboxes(self, snapshot_tag: str, n: int = 1, *, network: str = "internet",
                         memory_limit_mib: int | None = None, per_child_netns: bool = False, timeout: float = 120.0,
                         return_exceptions: bool) -> list[Sandbox] | list[Sandbox | SpawnError[Sandbox]]: ...
 
-    def spawn_sandboxes(self, snapshot_tag: str, n: int = 1, *, network: str = "user",
+    def spawn_sandboxes(self, snapshot_tag: str, n: int = 1, *, network: str = "internet",
                         memory_limit_mib: int | None = None, per_child_netns: bool = False, timeout: float = 120.0,
                         return_exceptions: bool = False) -> list[Sandbox] | list[Sandbox | SpawnError[Sandbox]]:
         """Fork ``n`` (1..1000) sandboxes from snapshot ``snapshot_tag``, in one request.
 
-        ``network`` is ``"user"`` (NAT to the outside) or ``"none"``; ``timeout`` the seconds allowed for
+        ``network`` is ``"internet"`` (public addresses only, with DNS; never this host or private ranges)
+        or ``"none"``; ``timeout`` the seconds allowed for
         each child's restore (children restore a few at a time, so the request may take up to
         ``n * timeout + 30`` seconds). Each child succeeds or fails on its own: if any fails, :class:`SpawnError`
         is raised with the ones that started in ``.sandboxes`` (still running: kill them or use them) and
@@ -151,7 +152,7 @@ class Controller(b.BaseController):
         results = b.spawn_results(self._request(call), lambda info: Sandbox(self, info))
         return results if return_exceptions else b.spawn_or_raise(results)
 
-    def spawn_sandbox(self, snapshot_tag: str, *, network: str = "user", memory_limit_mib: int | None = None,
+    def spawn_sandbox(self, snapshot_tag: str, *, network: str = "internet", memory_limit_mib: int | None = None,
                       per_child_netns: bool = False, timeout: float = 120.0) -> Sandbox:
         """Fork one sandbox (see :meth:`spawn_sandboxes`); SpawnError if it failed to start."""
         return self.spawn_sandboxes(snapshot_tag, 1, network=network, memory_limit_mib=memory_limit_mib,
@@ -269,7 +270,8 @@ class Files:
         self._sandbox = sandbox
 
     def read(self, path: str) -> bytes:
-        """The file's bytes; NotFoundError if it does not exist."""
+        """The file's bytes; NotFoundError if it does not exist, PayloadTooLargeError if it is larger
+        than the controller serves (256 MiB)."""
         sb = self._sandbox
         return sb._request(b.op_read_file(sb.id, path))
 
