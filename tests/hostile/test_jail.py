@@ -77,6 +77,36 @@ def test_children_are_jailed_with_distinct_uids(spawn) -> None:
     assert b.eval("1")["value"] == 1
 
 
+def memory_fd_modes(pid: int, memory: Path) -> list[int]:
+    """The access modes (O_RDONLY, O_RDWR, ...) of every fd process ``pid`` holds on ``memory``."""
+    want, modes = str(memory.resolve()), []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") != want:
+                continue
+            info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+        except OSError:
+            continue
+        flags = next(int(line.split()[1], 8) for line in info.splitlines() if line.startswith("flags:"))
+        modes.append(flags & os.O_ACCMODE)
+    return modes
+
+
+def test_a_child_holds_the_memory_file_read_only_on_qemu_8_2(engine: Engine, snapshot: str, spawn) -> None:
+    """QEMU 8.2+ children open memory.bin O_RDONLY (readonly=on,rom=off); QEMU 7.2 opens it O_RDWR (see
+    docs/security.md). Either way the mapping is private, writable RAM: the guest's writes are its own."""
+    snap = engine.store.open(snapshot)
+    (k,) = spawn(1)
+    assert memory_fd_modes(k.pid, snap.memory) == [os.O_RDONLY if engine.qemu.at_least(8, 2) else os.O_RDWR]
+    k.run_code("B = bytearray(b'y') * (16 << 20)")
+    smaps = Path(f"/proc/{k.pid}/smaps").read_text().splitlines()
+    i = next(i for i, line in enumerate(smaps) if line.endswith(str(snap.memory.resolve())))
+    assert smaps[i].split()[1] == "rw-p", smaps[i]
+    dirty_kib = next(int(line.split()[1]) for line in smaps[i + 1:] if line.startswith("Private_Dirty:"))
+    assert dirty_kib >= 16 << 10, dirty_kib
+    assert k.eval("B[-1]")["value"] == ord("y")
+
+
 def test_pool_members_are_jailed(engine: Engine, snapshot: str) -> None:
     pool = engine.start_pool(snapshot, 2)
     try:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from forkd.engine import accel as accel_mod
+from forkd.engine import jail
 from forkd.engine.channel import AgentChannel
 from forkd.engine.cleanup import sweep
 from forkd.engine.jsonlines import LineReader, LineTooLong
@@ -74,6 +75,33 @@ def test_parent_and_child_argv() -> None:
     devs = lambda argv: [argv[i + 1] for i, a in enumerate(argv) if a == "-device"]  # noqa: E731
     assert devs(parent) == devs(child)
     assert "migration.store-global-state=off" in child
+
+
+def test_argv_by_qemu_version() -> None:
+    """7.2 keeps its command line; 8.2+ children open the memory file read-only; the jail flags follow
+    what each QEMU has (-chroot gone in 9.0, -runas in 10.0); qboot is named only when it must be."""
+    host = HostSide(name="forkd-x", agent_fd=5, qmp_fd=6, console_path=None)
+    mem = Path("/s/memory.bin")
+
+    def argv(version: str, share: bool, bios: str | None = None) -> list[str]:
+        return build_argv(QemuBinary("/q", version, "", bios), MachineSpec(), host, mem, share=share)
+
+    def backend(a: list[str]) -> str:
+        return a[a.index("-object") + 1]
+
+    assert backend(argv("7.2.22", False)).endswith(",share=off")
+    assert backend(argv("8.1.5", False)).endswith(",share=off")
+    assert backend(argv("8.2.0", False)).endswith(",share=off,readonly=on,rom=off")
+    assert backend(argv("10.0.2", False)).endswith(",share=off,readonly=on,rom=off")
+    assert backend(argv("10.0.2", True)).endswith(",share=on")  # a parent writes its RAM into the file
+    assert "-bios" not in argv("10.0.2", False)
+    a = argv("10.0.2", False, "/usr/share/qemu/qboot.rom")
+    assert a[a.index("-bios") + 1] == "/usr/share/qemu/qboot.rom"
+    js = jail.JailSpec(1500000007, Path("/w/root"))
+    assert jail.qemu_args("7.2.22", js) == ["-chroot", "/w/root", "-runas", "1500000007:1500000007"]
+    assert jail.qemu_args("9.0.2", js) == ["-run-with", "chroot=/w/root", "-runas", "1500000007:1500000007"]
+    assert jail.qemu_args("10.0.2", js) == ["-run-with", "chroot=/w/root,user=1500000007:1500000007"]
+    assert QemuBinary("/q", "7.2.22", "").to_json() == {"path": "/q", "version": "7.2.22", "package": ""}
 
 
 def test_machine_spec_round_trip() -> None:

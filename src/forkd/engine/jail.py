@@ -2,7 +2,7 @@
 
 QEMU is started as root only long enough to open what it needs (memory file, state, sockets passed
 as fds), then it chroots into an empty per-VM directory and drops to a uid/gid of its own, with no
-capabilities and ``no_new_privs`` (QEMU's ``-chroot``/``-runas``, or ``-run-with`` on QEMU 9.1+).
+capabilities and ``no_new_privs`` (QEMU's ``-chroot``/``-runas``, or ``-run-with`` on newer QEMUs: ``qemu_args``).
 Before exec, in the forked child, forkd joins the VM's cgroups (so the very first page QEMU touches
 is charged there), enters its network namespace, unshares mount/IPC/UTS namespaces, shrinks the
 capability bounding set to the three QEMU needs to drop privileges, sets rlimits and raises its
@@ -270,10 +270,15 @@ def _last_cap() -> int:
 
 
 def qemu_args(version: str, jail: JailSpec) -> list[str]:
-    """QEMU's own privilege drop: chroot into the jail root, then switch to the VM's uid and gid."""
+    """QEMU's own privilege drop: chroot into the jail root, then switch to the VM's uid and gid.
+
+    ``-run-with chroot=`` exists since QEMU 8.1 (``-chroot`` was removed in 9.0), ``-run-with user=``
+    since 9.1 (``-runas`` was removed in 10.0)."""
     major, minor = (int(x) for x in version.split(".")[:2])
     if (major, minor) >= (9, 1):
         return ["-run-with", f"chroot={jail.root},user={jail.uid}:{jail.gid}"]
+    if (major, minor) >= (8, 1):
+        return ["-run-with", f"chroot={jail.root}", "-runas", f"{jail.uid}:{jail.gid}"]
     return ["-chroot", str(jail.root), "-runas", f"{jail.uid}:{jail.gid}"]
 
 

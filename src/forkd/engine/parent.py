@@ -97,11 +97,13 @@ def check_clock(vm: VMProcess) -> clock.ClockReport:
     report = clock.measure(vm.channel)
     problems = report.problems()
     if problems:
+        cmdline = str(vm.channel.call("clock_info")["cmdline"])[:2000]
+        fix = ("the CPU model or accelerator gives the guest no usable timer (keep the default -cpu max, "
+               "or unset FORKD_TCG_CPU)" if "tsc=reliable" in cmdline.split() else
+               "rebuild the image (forkd image build --force) so it boots with tsc=reliable")
         raise SnapshotError(
             "the parent's guest clock is not tickless, so every child would burn host CPU while idle: "
-            + "; ".join(problems) + f". Kernel command line: {vm.channel.call('clock_info')['cmdline']!r}. "
-            "Rebuild the image (forkd image build --force) so it boots with tsc=reliable, and check "
-            "forkd doctor")
+            + "; ".join(problems) + f". Kernel command line: {cmdline!r}. Fix: {fix}; see forkd doctor")
     return report
 
 

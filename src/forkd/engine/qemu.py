@@ -30,6 +30,10 @@ JAILED_SANDBOX_OPTS = "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resou
 #: A child's serial console is a ring in QEMU's memory (the last CONSOLE_RING bytes, read over QMP):
 #: a guest writing to it for ever costs the host nothing more.
 CONSOLE_RING = 64 << 10
+#: microvm's default firmware name, and the file Debian ships qboot as. QEMU 7.2's qemu-system-data has
+#: bios-microvm.bin -> qboot.rom; later ones drop the link, so the name falls through to SeaBIOS's
+#: microvm build (/usr/share/seabios), which cannot boot -kernel with x-option-roms=off.
+MICROVM_BIOS, QBOOT = "bios-microvm.bin", "qboot.rom"
 
 
 @dataclass(frozen=True)
@@ -39,9 +43,24 @@ class QemuBinary:
     path: str
     version: str  # "7.2.22"
     package: str  # "Debian 1:7.2+dfsg-7+deb12u18+b3"
+    # qboot, named explicitly (``-bios``) when microvm's default firmware name would not find it
+    bios: str | None = None
 
     def to_json(self) -> dict[str, str]:
-        return asdict(self)
+        d = asdict(self)
+        if d["bios"] is None:
+            del d["bios"]
+        return d
+
+    def at_least(self, major: int, minor: int) -> bool:
+        """Whether this QEMU is version ``major.minor`` or later."""
+        return version_tuple(self.version) >= (major, minor)
+
+
+def version_tuple(version: str) -> tuple[int, int]:
+    """(major, minor) of a QEMU version string such as "10.0.2"."""
+    major, minor = (int(x) for x in version.split(".")[:2])
+    return major, minor
 
 
 def qemu_path() -> str:
@@ -61,7 +80,25 @@ def _probe(path: str) -> QemuBinary:
     m = re.search(r"version (\d+\.\d+\.\d+)\s*(?:\((.*?)\))?", out)
     if not m:
         raise VMError(f"cannot parse the QEMU version from: {out.strip()[:200]!r}")
-    return QemuBinary(path=path, version=m.group(1), package=m.group(2) or "")
+    return QemuBinary(path=path, version=m.group(1), package=m.group(2) or "", bios=_qboot_override(path))
+
+
+def _qboot_override(path: str) -> str | None:
+    """The qboot file to pass with ``-bios`` when ``bios-microvm.bin`` in this QEMU's data directories
+    (``-L help``, searched in order as QEMU does) is not qboot, else None (QEMU's default is qboot)."""
+    try:
+        out = subprocess.run([path, "-L", "help"], capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    dirs = [Path(line.strip()) for line in out.splitlines() if line.strip().startswith("/")]
+
+    def first(name: str) -> Path | None:
+        return next((d / name for d in dirs if (d / name).is_file()), None)
+
+    qboot, default = first(QBOOT), first(MICROVM_BIOS)
+    if qboot is None or (default is not None and default.resolve() == qboot.resolve()):
+        return None
+    return str(qboot.resolve())
 
 
 def qemu_binary() -> QemuBinary:
@@ -139,9 +176,15 @@ def build_argv(qemu: QemuBinary, spec: MachineSpec, host: HostSide, memory_path:
     machine = spec.machine + (f",{spec.machine_opts}" if spec.machine_opts else "") + ",memory-backend=mem"
     mem = (f"memory-backend-file,id=mem,size={spec.memory_mib}M,mem-path={memory_path},"
            f"share={'on' if share else 'off'}")
+    if not share and qemu.at_least(8, 2):
+        # QEMU 8.2+: open the snapshot's memory file O_RDONLY (the private mapping stays writable RAM,
+        # rom=off): a compromised child QEMU holds no fd that could write the shared base file
+        mem += ",readonly=on,rom=off"
     argv = [qemu.path, "-name", host.name, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-accel", accel, "-cpu", spec.cpu, "-smp", str(spec.vcpus), "-m", f"{spec.memory_mib}M",
             "-machine", machine, "-object", mem]
+    if qemu.bios is not None:
+        argv += ["-bios", qemu.bios]
     if host.sandbox:
         argv += ["-sandbox", JAILED_SANDBOX_OPTS if host.jail is not None else SANDBOX_OPTS]
     if host.jail is not None:

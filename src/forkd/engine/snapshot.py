@@ -200,7 +200,9 @@ def make_spec(memory_mib: int = 512, vcpus: int = 1, accel: str | None = None,
     validate_machine(memory_mib, vcpus)
     choice = choose_accel(accel)
     opts = MachineSpec.machine_opts
-    if choice.name == "tcg" and "tsc_early_khz=" in kernel_cmdline:
+    # the guest's timer is then the local APIC in TSC-deadline mode, which needs no calibration either
+    deadline_timer = choice.cpu_model.split(",")[0] == "max" or "+tsc-deadline" in choice.cpu_model
+    if choice.name == "tcg" and "tsc_early_khz=" in kernel_cmdline and deadline_timer:
         opts += ",pit=off"
     spec = MachineSpec(memory_mib=memory_mib, vcpus=vcpus, accel=choice.name, machine_opts=opts,
                        accel_opts=default_accel_opts(choice.name), cpu=choice.cpu_model,
