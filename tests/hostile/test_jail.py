@@ -162,3 +162,14 @@ def test_a_console_flood_stays_in_its_ring_and_the_sandbox_keeps_answering(spawn
     assert "flood-flood" in k.vm.console_tail()
     assert max(rss) - rss[0] < 32 << 10, rss  # KiB: QEMU's memory does not grow with the output
     assert k.run_code("flood.kill(); flood.wait()\n'stopped'")["value"] == "stopped"
+
+
+def test_a_busy_launcher_with_many_open_files_still_starts_jailed_vms(spawn) -> None:
+    held = [os.open("/dev/null", os.O_RDONLY) for _ in range(jail.RLIMITS[resource.RLIMIT_NOFILE] + 64)]
+    try:
+        (k,) = spawn(1)
+        assert_jailed(k.vm)
+        assert k.eval("3*3")["value"] == 9
+    finally:
+        for fd in held:
+            os.close(fd)

@@ -38,11 +38,11 @@ CAP_SETGID, CAP_SETUID, CAP_SYS_CHROOT = 6, 7, 18
 KEEP_CAPS = frozenset({CAP_SETGID, CAP_SETUID, CAP_SYS_CHROOT})  # what QEMU needs to jail itself
 MS_REC, MS_PRIVATE = 0x4000, 1 << 18
 
-#: rlimits of a jailed QEMU. NPROC counts the threads of the VM's own uid (a TCG vCPU, RCU, a few
-#: workers); FSIZE bounds every file it can write (its log, a device state), CORE=0: no core dumps.
+#: rlimits of a jailed QEMU. FSIZE bounds every file it can write (its log, a device state), CORE=0:
+#: no core dumps. Its tasks are bounded by its pids cgroup, not RLIMIT_NPROC: QEMU starts threads
+#: while still root, and NPROC would count those against every root process of the host.
 RLIMITS = {
     resource.RLIMIT_NOFILE: 256,
-    resource.RLIMIT_NPROC: 128,
     resource.RLIMIT_FSIZE: 64 << 20,
     resource.RLIMIT_CORE: 0,
 }
@@ -189,6 +189,14 @@ class Preexec:
         do_unshare = self.unshare
 
         def child() -> None:
+            try:
+                steps()
+            except BaseException as e:
+                # the child's stderr is the VM's qemu.log: the launcher reports what failed from there
+                os.write(2, f"forkd jail: {e!r}\n".encode(errors="replace"))
+                raise
+
+        def steps() -> None:
             pid = str(os.getpid()).encode()
             for p in procs:  # the cgroups first: everything after is charged there
                 fd = os.open(p, os.O_WRONLY)
@@ -209,14 +217,15 @@ class Preexec:
                 # nothing mounted in here propagates back to the host, nor the other way
                 if mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0:
                     raise OSError(ctypes.get_errno(), "making / private in the new mount namespace failed")
-            for res, value in limits:
-                resource.setrlimit(res, (value, value))
             if oom is not None:
                 fd = os.open(b"/proc/self/oom_score_adj", os.O_WRONLY)
                 try:
                     os.write(fd, oom)
                 finally:
                     os.close(fd)
+            # after the last open: a busy launcher has fds numbered past NOFILE (they are closed at exec)
+            for res, value in limits:
+                resource.setrlimit(res, (value, value))
             # SIGXFSZ would kill QEMU at the FSIZE limit; ignored, the write fails with EFBIG instead
             sigignore(signal.SIGXFSZ, 1)  # SIG_IGN, kept across exec
             for cap in drop:

@@ -119,7 +119,7 @@ class Pool:
                 vm = launch_child(self.snap, self.qemu, self.run_dir, network=self.network, preload=False,
                                   meta={"pool": True})
                 wait_waiting(vm, timeout=60)
-            except (ForkdError, OSError) as e:
+            except Exception as e:  # noqa: BLE001 - a refill thread that dies would leave the pool empty for good
                 if vm is not None:
                     with contextlib.suppress(ForkdError, OSError):
                         vm.kill()

@@ -229,13 +229,16 @@ class VMProcess:
                     preexec_fn=pre.build() if pre.needed() else None,
                     start_new_session=True,  # children outlive the CLI's or daemon's process group
                 )
-        except BaseException:
+        except BaseException as e:
             for s in (agent_c, qmp_c):
                 if s is not None:
                     s.close()
             if cg is not None:
                 cg.remove(timeout=0)
+            said = tail(wd.qemu_log, 1000).strip() if wd.qemu_log.exists() else ""
             shutil.rmtree(wd.path, ignore_errors=True)
+            if isinstance(e, subprocess.SubprocessError):
+                raise VMError(f"cannot start QEMU for VM {vm_id}: {e}" + (f" ({said})" if said else "")) from e
             raise
         finally:
             for s in (agent_l, qmp_l):
