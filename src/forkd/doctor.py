@@ -320,7 +320,7 @@ def check_netfilter() -> Check:
     from forkd.engine import netfilter
 
     try:
-        netfilter._nft()
+        netfilter.nft_path()
     except Exception as e:  # noqa: BLE001
         return _c("network filter", "FAIL", str(e), netfilter.INSTALL_HINT)
     why = netfilter.status()

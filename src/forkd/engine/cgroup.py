@@ -168,11 +168,6 @@ def create(vm_id: str, limit_mib: int | None, *, guest_mib: int | None = None,
     return cg
 
 
-def attach(cg: Cgroup, pid: int) -> None:
-    for p in cg.procs_files():
-        Path(p).write_text(str(pid))
-
-
 def _v1_extra(vm_id: str) -> tuple[Path, ...]:
     return tuple(d for d in (V1_PIDS / PARENT / vm_id, V1_CPU / PARENT / vm_id) if d.is_dir())
 

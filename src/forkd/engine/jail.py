@@ -66,8 +66,9 @@ def uid_range() -> range:
     return range(base, base + count)
 
 
+@functools.cache
 def can_jail() -> str | None:
-    """None if this process can jail VMs, else why not."""
+    """None if this process can jail VMs, else why not (asked once: spawns call it on their path)."""
     if os.geteuid() != 0:
         return "forkd is not running as root: it cannot give each QEMU its own uid, chroot and namespaces"
     try:
@@ -112,21 +113,6 @@ def lease_uid() -> Lease:
             raise
         return Lease(uid, fd)
     raise JailError(f"no free jail uid: all {len(ids)} of {ids.start}..{ids.stop - 1} are in use")
-
-
-def uid_in_use(uid: int) -> bool:
-    """True while some VM holds ``uid``."""
-    try:
-        fd = os.open(LOCK_DIR / str(uid), os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
-    except OSError:
-        return True
-    finally:
-        os.close(fd)
 
 
 def make_root(workdir: Path) -> Path:

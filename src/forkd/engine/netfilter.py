@@ -81,7 +81,7 @@ def ruleset() -> str:
     return "\n".join(lines) + "\n"
 
 
-def _nft() -> str:
+def nft_path() -> str:
     nft = shutil.which("nft") or next((p for p in ("/usr/sbin/nft", "/sbin/nft") if os.access(p, os.X_OK)), None)
     if nft is None:
         raise ValidationError(f"sandbox network isolation needs nftables' nft: {INSTALL_HINT}")
@@ -89,7 +89,7 @@ def _nft() -> str:
 
 
 def _apply(netns_file: str | None) -> None:
-    argv = [_nft(), "-f", "-"]
+    argv = [nft_path(), "-f", "-"]
     if netns_file is not None:
         argv = ["nsenter", f"--net={netns_file}", "--", *argv]
     try:
@@ -125,7 +125,7 @@ def require() -> None:
 def status() -> str | None:
     """None if the filter table is installed in this namespace, else why not (for ``forkd doctor``)."""
     try:
-        r = subprocess.run([_nft(), "list", "table", "inet", TABLE], capture_output=True, text=True, timeout=30)
+        r = subprocess.run([nft_path(), "list", "table", "inet", TABLE], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError, ValidationError) as e:
         return str(e)
     if r.returncode != 0:
