@@ -3,6 +3,9 @@
 PYTHON ?= python3
 APT_PACKAGES = qemu-system-x86 busybox-static cpio python3 python3-numpy zstd iproute2 nftables
 N ?= 10
+# QEMU=backports installs QEMU 10 from bookworm-backports (children then open memory.bin read-only).
+QEMU ?= bookworm
+BACKPORTS_LIST = /etc/apt/sources.list.d/forkd-bookworm-backports.list
 
 .PHONY: demo deps apt pip image snapshot test test-unit lint bench clean
 
@@ -16,6 +19,12 @@ apt:
 	@if ! dpkg -s $(APT_PACKAGES) >/dev/null 2>&1 || ! apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1; then \
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(APT_PACKAGES); \
 	fi
+ifeq ($(QEMU),backports)
+	@if ! apt-cache policy | grep -q bookworm-backports; then \
+		echo 'deb http://deb.debian.org/debian bookworm-backports main' > $(BACKPORTS_LIST) && apt-get update -q; \
+	fi
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends -t bookworm-backports qemu-system-x86
+endif
 
 pip:
 	$(PYTHON) -m pip install -q -e '.[dev]'

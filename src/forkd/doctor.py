@@ -141,7 +141,12 @@ def check_qemu() -> Check:
     if not re.search(r"^microvm\s", machines, re.MULTILINE):
         return _c("qemu", "FAIL", f"{q.path} {q.version} has no 'microvm' machine type", hint)
     pkg = f" ({q.package})" if q.package else ""
-    return _c("qemu", "PASS", f"{q.path} {q.version}{pkg}; microvm machine available")
+    if not q.at_least(8, 2):
+        return _c("qemu", "WARN", f"{q.path} {q.version}{pkg}: children open the shared memory.bin read-write "
+                  "(read-only needs QEMU 8.2+), so a compromised QEMU could write the base file",
+                  "make deps QEMU=backports (QEMU 10 from bookworm-backports), then re-create snapshots")
+    return _c("qemu", "PASS", f"{q.path} {q.version}{pkg}; microvm machine available; children map "
+              "memory.bin read-only")
 
 
 def check_accel() -> Check:
