@@ -23,16 +23,19 @@ def snapshot() -> None:
 @click.option("--warm", "warm_code", default=None, help="Python code run in the parent before the snapshot.")
 @click.option("--boot-timeout", type=float, default=300.0, show_default=True, help="Seconds to wait for the agent.")
 @click.option("--keep-workdir", is_flag=True, help="Keep the parent's work dir (console log) afterwards.")
+@click.option("--image", "image_name", default=None, help="A recipe image (forkd image build --name ...); "
+              "default: the built-in Python + numpy image.")
 @accel_option
 @json_option
 @handle_errors
 def create(tag: str, memory_mib: int, vcpus: int, warm_code: str | None, boot_timeout: float,
-           keep_workdir: bool, accel: str | None, as_json: bool) -> None:
+           keep_workdir: bool, image_name: str | None, accel: str | None, as_json: bool) -> None:
     """Boot a parent VM from the guest image, warm it, and save it as snapshot TAG."""
     from forkd.guest.image import find_image
+    from forkd.guest.recipe import find_named
 
     eng = make_engine(accel)
-    image = find_image()
+    image = find_named(image_name) if image_name else find_image()
     if image is None:
         if not as_json:
             console.print("no guest image for the current inputs: building it first")

@@ -73,16 +73,18 @@ class Engine:
     def create_snapshot(self, tag: str, *, memory_mib: int = 512, vcpus: int = 1, warm_code: str | None = None,
                         boot_timeout: float = 300.0, keep_workdir: bool = False,
                         step: Callable[[str], None] | None = None, image: Any = None,
-                        settle_max_s: float = 60.0) -> Snapshot:
-        """Boot a parent from the guest image, warm it, let it settle (at most ``settle_max_s`` seconds)
-        and save it as snapshot ``tag``."""
+                        settle_max_s: float = 60.0, image_name: str | None = None) -> Snapshot:
+        """Boot a parent from the guest image (the default one, or the recipe image ``image_name``), warm
+        it, let it settle (at most ``settle_max_s`` seconds) and save it as snapshot ``tag``."""
         from forkd.guest.image import require_image
+        from forkd.guest.recipe import find_named
 
         make_spec(memory_mib, vcpus, self._accel_request)  # bad arguments fail before anything else
         if self.store.exists(tag):  # before building or finding the image
             raise SnapshotExistsError(f"snapshot {tag} already exists; delete it first (forkd snapshot rm {tag})")
-        img = image or require_image()
-        spec, reason = make_spec(memory_mib, vcpus, self._accel_request, kernel_cmdline=img.cmdline)
+        img = image or (find_named(image_name) if image_name else require_image())
+        spec, reason = make_spec(memory_mib, vcpus, self._accel_request, kernel_cmdline=img.cmdline,
+                                 disk=img.rootfs is not None)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         return create_snapshot(self.store, tag, spec, reason, self.qemu, img, self.run_dir,
                                warm_code=warm_code, boot_timeout=boot_timeout, keep_workdir=keep_workdir, step=step,

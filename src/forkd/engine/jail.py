@@ -157,6 +157,7 @@ class Preexec:
     rlimits: bool = True
     oom_score_adj: int | None = OOM_SCORE_ADJ
     drop_caps: bool = True
+    fsize: int | None = None  # RLIMIT_FSIZE instead of the default (a VM whose disk layer grows)
 
     def needed(self) -> bool:
         return bool(self.cgroup_procs or self.netns or self.unshare or self.rlimits or self.drop_caps
@@ -168,7 +169,8 @@ class Preexec:
         procs = [p.encode() for p in self.cgroup_procs]
         netns = self.netns.encode() if self.netns else None
         flags = CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS
-        limits = list(RLIMITS.items()) if self.rlimits else []
+        limits = list({**RLIMITS, **({resource.RLIMIT_FSIZE: self.fsize} if self.fsize else {})}.items()) \
+            if self.rlimits else []
         oom = str(self.oom_score_adj).encode() if self.oom_score_adj is not None else None
         last_cap = _last_cap()
         drop = [c for c in range(last_cap + 1) if c not in KEEP_CAPS] if self.drop_caps else []

@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from forkd.engine import clock
+from forkd.engine import disk as disks
+from forkd.engine.disk import DiskChain
 from forkd.engine.qemu import MachineSpec, QemuBinary
 from forkd.engine.restore import CAPS
 from forkd.engine.snapshot import (
@@ -26,15 +28,16 @@ from forkd.fsutil import tail
 
 Step = Callable[[str], None]
 # Paths every child exercises on first contact; running them once in the parent puts them in the snapshot.
-WARM_EVAL = "numpy.zeros(5).tolist() if numpy is not None else None"
+WARM_EVAL = "numpy.zeros(5).tolist() if 'numpy' in globals() else None"  # numpy is optional in an image
 
 
 def boot_parent(vm_id: str, workdir: Path, qemu: QemuBinary, spec: MachineSpec, memory_path: Path,
-                image: object, boot_timeout: float) -> tuple[VMProcess, dict[str, object], float]:
+                image: object, boot_timeout: float,
+                disk: tuple[DiskChain, Path] | None = None) -> tuple[VMProcess, dict[str, object], float]:
     """Start the parent and wait for the agent's ready line; BootTimeoutError carries the console tail."""
     t0 = time.monotonic()
     vm, ids = VMProcess.launch(
-        vm_id, workdir, qemu, spec, memory_path, share=True,
+        vm_id, workdir, qemu, spec, memory_path, share=True, disk=disk,
         boot=(image.kernel, image.initramfs, image.cmdline),  # type: ignore[attr-defined]
         qmp_ahead=[("migrate-set-capabilities", CAPS)], meta={"role": "parent"})
     deadline = t0 + boot_timeout
@@ -60,7 +63,9 @@ def warm(vm: VMProcess, warm_code: str | None) -> dict[str, object]:
     ch = vm.channel
     info = ch.call("ping", timeout=120)
     ch.call("eval", timeout=120, expr=WARM_EVAL)
-    ch.call("exec", timeout=120, argv=["/bin/true"])
+    # the agent's own interpreter is the one program every image has (a rootfs may lack /bin/true)
+    exe = ch.call("eval", timeout=120, expr="__import__('sys').executable")["value"]
+    ch.call("exec", timeout=120, argv=[str(exe) if exe else "/bin/true", "-S", "-c", ""])
     ch.call("file_stat", timeout=60, path="/")
     if warm_code:
         try:
@@ -140,8 +145,16 @@ def create_snapshot(store: SnapshotStore, tag: str, spec: MachineSpec, accel_rea
     try:
         say("booting parent VM")
         vm_id = f"parent-{tag}-{secrets.token_hex(4)}"
+        rootfs = getattr(image, "rootfs", None)
+        disk = None
+        disk_record: dict[str, object] = {}
+        if rootfs is not None:
+            size = int(image.disk_mib) << 20  # type: ignore[attr-defined]
+            disk = (DiskChain(rootfs, (), size), disks.new_layer(staging / disks.LAYER_NAME, size))
+            disk_record = {"image": image.image_id, "size_bytes": size,  # type: ignore[attr-defined]
+                           "base_sha256": image.rootfs_sha256, "layers": [tag], "layer_sha256": []}  # type: ignore[attr-defined]
         vm, ready, boot_s = boot_parent(vm_id, run_dir / vm_id, qemu, spec, staging / MEMORY_NAME,
-                                        image, boot_timeout)
+                                        image, boot_timeout, disk)
         say(f"agent ready after {boot_s:.2f} s; warming")
         t = time.monotonic()
         info = warm(vm, warm_code)
@@ -157,7 +170,9 @@ def create_snapshot(store: SnapshotStore, tag: str, spec: MachineSpec, accel_rea
         meta = SnapshotMeta(
             tag=tag, created_at=time.time(), spec=spec, qemu=qemu.to_json(), accel_reason=accel_reason,
             host_cpu=host_cpu_model(),
-            image={"id": image.image_id, "kernel_version": image.kernel_version},  # type: ignore[attr-defined]
+            image={"id": image.image_id, "kernel_version": image.kernel_version,  # type: ignore[attr-defined]
+                   **({"name": image.name} if getattr(image, "name", None) else {})},  # type: ignore[attr-defined]
+            disk=disk_record,
             guest={"agent_version": ready.get("agent_version"), "python": info.get("python"),
                    "numpy": info.get("numpy"), "clock": clk.to_json()},
             files={}, timings={"boot_s": round(boot_s, 3), "warm_s": round(warm_s, 3), "settle_s": round(settle_s, 2),

@@ -15,6 +15,7 @@ import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from forkd.engine.disk import DISK_DEVICE
 from forkd.engine.jail import JailSpec
 from forkd.engine.jail import qemu_args as jail_args
 from forkd.engine.specguard import check_spec_json
@@ -129,12 +130,16 @@ class MachineSpec:
     def from_json(cls, d: object) -> MachineSpec:
         """The spec recorded in snapshot.json; SnapshotInvalidError (naming the field and the rule)
         unless every field is one this forkd version writes (see ``specguard``)."""
-        return cls(**check_spec_json(d, default_devices()))
+        return cls(**check_spec_json(d, device_lists()))
 
     def check(self) -> MachineSpec:
         """This spec, re-checked as ``from_json`` checks a recorded one (before it reaches a QEMU argv)."""
-        check_spec_json(self.to_json(), default_devices())
+        check_spec_json(self.to_json(), device_lists())
         return self
+
+    @property
+    def has_disk(self) -> bool:
+        return DISK_DEVICE in self.devices
 
 
 def default_devices() -> tuple[str, ...]:
@@ -144,6 +149,11 @@ def default_devices() -> tuple[str, ...]:
         f"virtserialport,chardev=agent,name={AGENT_PORT_NAME},bus=vser0.0",
         f"virtio-net-device,netdev=net0,mac={GUEST_MAC}",
     )
+
+
+def device_lists() -> tuple[tuple[str, ...], ...]:
+    """The device lists a spec may have: without a root disk (initramfs guest), and with one."""
+    return default_devices(), (*default_devices(), DISK_DEVICE)
 
 
 def default_accel_opts(accel: str) -> str:
@@ -162,6 +172,7 @@ class HostSide:
     netdev: str = "user,id=net0"
     sandbox: bool = True
     jail: JailSpec | None = None
+    disk_args: tuple[str, ...] = ()  # -blockdev options of the root disk (see engine/disk.py)
 
 
 def build_argv(qemu: QemuBinary, spec: MachineSpec, host: HostSide, memory_path: Path, *,
@@ -199,7 +210,7 @@ def build_argv(qemu: QemuBinary, spec: MachineSpec, host: HostSide, memory_path:
     argv += ["-chardev", f"socket,id=agent,fd={host.agent_fd},server=on,wait=off",
              "-chardev", f"socket,id=qmp,fd={host.qmp_fd},server=on,wait=off",
              "-mon", "chardev=qmp,mode=control",
-             "-netdev", host.netdev]
+             "-netdev", host.netdev, *host.disk_args]
     for dev in spec.devices:
         argv += ["-device", dev]
     # No global-state section in the stream: a child runs as soon as the state is loaded (no 'cont').

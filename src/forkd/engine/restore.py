@@ -68,11 +68,13 @@ def launch_child(snap: Snapshot, qemu: QemuBinary, run_dir: Path, *, child_id: s
         pass_fds = (fd,)
         ahead.append(("migrate-incoming", {"uri": f"fd:{fd}"}))
     ports = {g: free_loopback_port() for g in expose} if netns is None else {g: 20000 + g % 40000 for g in expose}
+    chain = snap.disk_chain()
     try:
         vm, _ = VMProcess.launch(
             child_id, run_dir / child_id, qemu, snap.meta.spec, snap.memory, share=False, incoming=True,
             netdev=netdev_for(network, ports), pass_fds=pass_fds, qmp_ahead=ahead,
             memory_limit_mib=memory_limit_mib, netns=netns, cpu_limit=cpu_limit,
+            disk=(chain, None) if chain is not None else None,
             meta={"role": "child", "snapshot": snap.tag, "network": network,
                   "ports": {str(g): h for g, h in ports.items()}, **(meta or {})})
     finally:

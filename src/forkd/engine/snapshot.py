@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from forkd import __version__
+from forkd.engine import disk as disks
 from forkd.engine.accel import choose_accel
 from forkd.engine.qemu import MachineSpec, QemuBinary, default_accel_opts, default_devices
 from forkd.engine.specguard import MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB, MIN_VCPUS
@@ -28,7 +29,7 @@ from forkd.errors import (
     ValidationError,
 )
 from forkd.fsutil import allocated_bytes, atomic_write_json, fsync_dir, fsync_file, pid_alive, sha256_file
-from forkd.paths import snapshot_root, validate_tag
+from forkd.paths import image_root, snapshot_root, validate_tag
 
 FORMAT = 1
 META_NAME = "snapshot.json"
@@ -59,6 +60,9 @@ class SnapshotMeta:
     memory_source: str | None = None  # delta: the snapshot whose memory.bin its children map
     depends_sha256: str | None = None  # delta: sha256 of that memory.bin
     branch: dict[str, Any] = field(default_factory=dict)  # how a branch was made (pause, dirty bytes, ...)
+    # an image-based snapshot's root disk: {"image", "size_bytes", "base_sha256", "layers": [tags, this one
+    # last], "layer_sha256": [...]} (see engine/disk.py); empty for an initramfs-only guest
+    disk: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -67,7 +71,7 @@ class SnapshotMeta:
             "accel_reason": self.accel_reason, "host_cpu": self.host_cpu, "image": self.image,
             "guest": self.guest, "files": self.files, "timings": self.timings, "parent": self.parent,
             "kind": self.kind, "memory_source": self.memory_source, "depends_sha256": self.depends_sha256,
-            "branch": self.branch,
+            "branch": self.branch, **({"disk": self.disk} if self.disk else {}),
         }
 
     @classmethod
@@ -82,6 +86,7 @@ class SnapshotMeta:
             parent=d.get("parent"), forkd_version=str(d.get("forkd_version", "")), format=int(d["format"]),
             kind=str(d.get("kind", "root")), memory_source=d.get("memory_source"),
             depends_sha256=d.get("depends_sha256"), branch=dict(d.get("branch") or {}),
+            disk=disks.check_record(d["disk"], str(d["tag"])) if d.get("disk") else {},
         )
 
 
@@ -110,6 +115,38 @@ class Snapshot:
     @property
     def vmstate(self) -> Path:
         return self.path / VMSTATE_NAME
+
+    def disk_chain(self) -> disks.DiskChain | None:
+        """The read-only layers of this snapshot's root disk (None: the guest has no disk)."""
+        d = self.meta.disk
+        if not d:
+            return None
+        root = self.path.parent
+        return disks.DiskChain(image_root() / str(d["image"]) / disks.ROOTFS_NAME,
+                               tuple(root / t / disks.LAYER_NAME for t in d["layers"]), int(d["size_bytes"]))
+
+    def check_disk(self) -> None:
+        """The image's file system and every layer present and unchanged (sha256, remembered per file)."""
+        chain = self.disk_chain()
+        if chain is None:
+            return
+        d = self.meta.disk
+        name = self.meta.image.get("name") or d["image"]
+        if not chain.base.is_file():
+            raise SnapshotInvalidError(
+                f"snapshot {self.tag} was made from image {name} ({d['image']}), which is not here ({chain.base}): "
+                f"rebuild it (forkd image build) or re-create the snapshot")
+        verify_sha256(chain.base, str(d.get("base_sha256")),
+                      f"snapshot {self.tag}: the file system of image {name} ({d['image']}) has changed since; it")
+        hashes = d.get("layer_sha256") or []
+        if len(hashes) != len(chain.layers):
+            raise SnapshotInvalidError(f"snapshot {self.tag}: {META_NAME} records {len(hashes)} disk layer hashes "
+                                       f"for {len(chain.layers)} layers")
+        for tag, layer, digest in zip(d["layers"], chain.layers, hashes, strict=True):
+            if not layer.is_file():
+                raise SnapshotInvalidError(f"snapshot {self.tag}: the disk layer of snapshot {tag} is missing "
+                                           f"({layer})")
+            verify_sha256(layer, str(digest), f"snapshot {self.tag}: the disk layer of snapshot {tag}")
 
     def summary(self) -> dict[str, Any]:
         """A JSON-friendly description (what ``forkd snapshot info`` prints)."""
@@ -168,6 +205,7 @@ class Snapshot:
                 raise SnapshotInvalidError(f"snapshot {self.tag}: {META_NAME} records no memory source")
             verify_sha256(self.memory_file, self.meta.depends_sha256,
                           f"snapshot {self.tag} depends on {self.meta.memory_source}'s memory.bin, which")
+        self.check_disk()
 
 
 def host_cpu_model() -> str:
@@ -190,7 +228,7 @@ def validate_machine(memory_mib: int, vcpus: int) -> None:
 
 
 def make_spec(memory_mib: int = 512, vcpus: int = 1, accel: str | None = None,
-              kernel_cmdline: str = "") -> tuple[MachineSpec, str]:
+              kernel_cmdline: str = "", disk: bool = False) -> tuple[MachineSpec, str]:
     """The machine a new snapshot gets, and why that accelerator.
 
     Under TCG the emulated PIT, left running in its reset mode, wakes QEMU 36 times a second in every
@@ -206,7 +244,7 @@ def make_spec(memory_mib: int = 512, vcpus: int = 1, accel: str | None = None,
         opts += ",pit=off"
     spec = MachineSpec(memory_mib=memory_mib, vcpus=vcpus, accel=choice.name, machine_opts=opts,
                        accel_opts=default_accel_opts(choice.name), cpu=choice.cpu_model,
-                       devices=default_devices())
+                       devices=(*default_devices(), disks.DISK_DEVICE) if disk else default_devices())
     return spec, choice.reason
 
 
@@ -284,12 +322,17 @@ class SnapshotStore:
     def publish(self, staging: Path, meta: SnapshotMeta) -> Snapshot:
         """Hash and fsync the staged files, write snapshot.json, then rename the directory into place."""
         seal(staging)
-        names = [n for n in (VMSTATE_NAME, MEMORY_NAME) if (staging / n).exists()]
+        names = [n for n in (VMSTATE_NAME, MEMORY_NAME, disks.LAYER_NAME) if (staging / n).exists()]
         for name in names:
             p = staging / name
             fsync_file(p)
             digest = sha256_file(p)
             meta.files[name] = {"size": p.stat().st_size, "sha256": digest}
+        if meta.disk:
+            if disks.LAYER_NAME not in names:
+                raise SnapshotInvalidError(f"snapshot {meta.tag}: its disk layer was not written")
+            meta.disk["layer_sha256"] = [*meta.disk.get("layer_sha256", [])[:len(meta.disk["layers"]) - 1],
+                                         meta.files[disks.LAYER_NAME]["sha256"]]
         atomic_write_json(staging / META_NAME, meta.to_json(), mode=0o600)
         fsync_dir(staging)
         final = self.path(meta.tag)

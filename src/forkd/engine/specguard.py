@@ -89,13 +89,15 @@ def _device_difference(got: list[str], expected: tuple[str, ...]) -> str:
     return f"device {len(got)} ({expected[len(got)]!r}) is missing"
 
 
-def _check_devices(value: object, expected: tuple[str, ...]) -> tuple[str, ...]:
+def _check_devices(value: object, allowed: tuple[tuple[str, ...], ...]) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
         raise _refuse("devices", "must be a list of strings", value)
-    if tuple(value) != expected:
-        raise SnapshotInvalidError(f"{WHERE}: spec.devices: not a device list this forkd version produces: "
-                                   f"{_device_difference(value, expected)} {TAMPERED}")
-    return expected
+    for expected in allowed:
+        if tuple(value) == expected:
+            return expected
+    closest = min(allowed, key=lambda e: abs(len(e) - len(value)))
+    raise SnapshotInvalidError(f"{WHERE}: spec.devices: not a device list this forkd version produces: "
+                               f"{_device_difference(value, closest)} {TAMPERED}")
 
 
 def _check_keys(d: Mapping[Any, Any]) -> None:
@@ -114,9 +116,9 @@ def _check_str(field: str, value: object, why: str | None) -> str:
     return value
 
 
-def check_spec_json(d: object, devices: tuple[str, ...]) -> dict[str, Any]:
+def check_spec_json(d: object, devices: tuple[tuple[str, ...], ...]) -> dict[str, Any]:
     """The fields of a recorded spec (``snapshot.json``'s ``"machine"``) as ``MachineSpec`` arguments,
-    each checked against what this version writes; ``devices`` is the only device list accepted.
+    each checked against what this version writes; ``devices`` are the only device lists accepted.
     SnapshotInvalidError names the field and the rule."""
     if not isinstance(d, Mapping):
         raise SnapshotInvalidError(f"{WHERE}: spec: must be a JSON object; got {_show(d)} {TAMPERED}")

@@ -23,6 +23,7 @@ from typing import Any
 
 from forkd.engine import cgroup, jail, netfilter
 from forkd.engine.channel import ADOPT_LEFTOVER_LINES, AgentChannel
+from forkd.engine.disk import DiskChain, fsize_limit, new_layer
 from forkd.engine.qemu import CONSOLE_RING, HostSide, MachineSpec, QemuBinary, build_argv
 from forkd.engine.qmp import QMPClient
 from forkd.errors import ForkdError, ValidationError, VMError
@@ -184,14 +185,16 @@ class VMProcess:
                netdev: str = "user,id=net0", pass_fds: tuple[int, ...] = (),
                qmp_ahead: list[tuple[str, dict[str, Any] | None]] = (),  # type: ignore[assignment]
                meta: dict[str, Any] | None = None, memory_limit_mib: int | None = None,
-               netns: str | None = None, cpu_limit: float | None = None) -> tuple[VMProcess, list[int]]:
+               netns: str | None = None, cpu_limit: float | None = None,
+               disk: tuple[DiskChain, Path | None] | None = None) -> tuple[VMProcess, list[int]]:
         """Start QEMU, jailed (see ``jail``) unless jailing is off. Commands in ``qmp_ahead`` are written
         before it starts; their ids are returned.
 
         ``memory_limit_mib`` caps the VM's cgroup (default when jailed: guest RAM + QEMU's overhead),
         ``cpu_limit`` gives it a CPU quota; ``netns`` runs it inside that network namespace (its
         user-mode network then reaches out from there). A parent (``boot``) logs its console to a file;
-        everyone else has a bounded console ring.
+        everyone else has a bounded console ring. ``disk`` is the root disk's read-only chain and its
+        writable top layer (None: a new empty one in the work dir, a child's own).
         """
         disable_thp_for_children()
         netns_file = netns_path(netns)
@@ -212,16 +215,25 @@ class VMProcess:
             if jailed or memory_limit_mib is not None or cpu_limit is not None:
                 cg = cgroup.create(vm_id, memory_limit_mib, guest_mib=spec.memory_mib, cpu_limit=cpu_limit)
             spec_jail = jail.JailSpec(lease.uid, jail.make_root(wd.path)) if lease is not None else None
+            disk_args: list[str] = []
+            fsize = None
+            if disk is not None:
+                chain, top = disk
+                top = top or new_layer(wd.path / "disk.qcow2", chain.size_bytes)
+                disk_args = chain.blockdev_args(top)
+                fsize = fsize_limit(chain.size_bytes)
+                meta = {**(meta or {}), "disk_top": str(top), "disk_layers": len(chain.layers)}
             agent_l, qmp_l = _listen(wd.agent_sock), _listen(wd.qmp_sock)
             agent_c, qmp_c = _connect(wd.agent_sock), _connect(wd.qmp_sock)
             qmp = QMPClient(qmp_c, vm_name(vm_id))
             ids = [qmp.send("qmp_capabilities")] + [qmp.send(c, a) for c, a in qmp_ahead]
             host = HostSide(name=vm_name(vm_id), agent_fd=agent_l.fileno(), qmp_fd=qmp_l.fileno(),
-                            console_path=wd.console if boot is not None else None, netdev=netdev, jail=spec_jail)
+                            console_path=wd.console if boot is not None else None, netdev=netdev, jail=spec_jail,
+                            disk_args=tuple(disk_args))
             argv = build_argv(qemu, spec, host, memory_path, share=share, boot=boot, incoming=incoming)
             pre = jail.Preexec(cgroup_procs=cg.procs_files() if cg is not None else [], netns=netns_file,
                                unshare=jailed, rlimits=jailed, oom_score_adj=jail.OOM_SCORE_ADJ if jailed else None,
-                               drop_caps=jailed)
+                               drop_caps=jailed, fsize=fsize)
             fds = (agent_l.fileno(), qmp_l.fileno(), *pass_fds, *((lease.fd,) if lease is not None else ()))
             with open(wd.qemu_log, "wb") as log:
                 popen = subprocess.Popen(

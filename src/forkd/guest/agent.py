@@ -1,6 +1,7 @@
 """forkd guest agent: serves the JSON-lines protocol of docs/agent-protocol.md inside the microVM.
 
-Runs as PID 1 (``/usr/bin/python3.11 -S -E /forkd/agent.py``), stdlib only, self-contained: this file is
+Runs as PID 1 (``/usr/bin/python3.11 -S -E /forkd/agent.py``, or in a recipe image the image's own
+Python 3.9+ after /init switched to its root file system), stdlib only, self-contained: this file is
 copied into the guest image alone. ``--stdio`` serves on stdin/stdout instead of the virtio port.
 """
 
@@ -725,6 +726,13 @@ def main(argv: list[str]) -> None:
     else:
         fd = open_port()
         t = Transport(fd, fd, stdio=False)
+    workdir = os.environ.get("FORKD_WORKDIR")  # an image's working directory (set by /init)
+    if workdir:
+        try:
+            os.makedirs(workdir, exist_ok=True)
+            os.chdir(workdir)
+        except OSError as e:
+            print(f"forkd agent: cannot use working directory {workdir}: {e}", file=sys.stderr)
     if os.getpid() == 1:
         signal.signal(signal.SIGCHLD, lambda *_: CHILD_EXITED.set())
         threading.Thread(target=reaper, name="forkd-reaper", daemon=True).start()

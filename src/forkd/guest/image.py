@@ -84,9 +84,9 @@ STDLIB_EXCLUDE = (
 NUMPY_EXCLUDE = ("tests",)
 
 #: Kernel modules the guest needs (with their dependencies, unless built in): the microvm
-#: transport, the virtio-serial agent channel and the NIC. The optional ones are loaded when the
-#: kernel has them: virtio-rng, vsock (hosts with vhost-vsock) and virtio-pci (q35 machines).
-REQUIRED_MODULES = ("virtio_mmio", "virtio_console", "virtio_net")
+#: transport, the virtio-serial agent channel, the NIC and the root disk of recipe images. The optional
+#: ones are loaded when the kernel has them: virtio-rng, vsock (hosts with vhost-vsock) and virtio-pci (q35 machines).
+REQUIRED_MODULES = ("virtio_mmio", "virtio_console", "virtio_net", "virtio_blk")
 OPTIONAL_MODULES = ("virtio_pci", "virtio_rng", "vmw_vsock_virtio_transport")
 
 IMAGE_JSON = "image.json"
@@ -123,11 +123,22 @@ class ImageInfo:
     cmdline: str             # kernel command line to pass with -append
     inputs: dict[str, str]   # what the id is keyed by
     built_at: float          # unix time the build finished
-    size_bytes: int          # kernel + initramfs
+    size_bytes: int          # kernel + initramfs (+ root file system)
+    # an image built from a recipe (guest/recipe.py) boots the same kernel and initramfs, then switches
+    # to its own root file system on a disk
+    name: str | None = None
+    rootfs: Path | None = None       # path/rootfs.ext4
+    rootfs_sha256: str | None = None
+    disk_mib: int = 0                # the root file system's size
+    python: str | None = None        # the image's interpreter, as the guest sees it ("/usr/bin/python3.11")
 
     def to_json(self) -> dict[str, Any]:
         """The ``image.json`` content (file names relative to the image directory)."""
-        return {
+        extra: dict[str, Any] = {}
+        if self.rootfs is not None:
+            extra = {"name": self.name, "rootfs": self.rootfs.name, "rootfs_sha256": self.rootfs_sha256,
+                     "disk_mib": self.disk_mib, "python": self.python}
+        return {**extra,
             "format": 1,
             "image_id": self.image_id,
             "kernel": self.kernel.name,
@@ -153,6 +164,11 @@ class ImageInfo:
             inputs={str(k): str(v) for k, v in dict(d["inputs"]).items()},
             built_at=float(d["built_at"]),
             size_bytes=int(d["size_bytes"]),
+            name=str(d["name"]) if d.get("name") else None,
+            rootfs=path / str(d["rootfs"]) if d.get("rootfs") else None,
+            rootfs_sha256=str(d["rootfs_sha256"]) if d.get("rootfs_sha256") else None,
+            disk_mib=int(d.get("disk_mib") or 0),
+            python=str(d["python"]) if d.get("python") else None,
         )
 
 
@@ -395,6 +411,8 @@ def load_image(path: Path) -> ImageInfo | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     if info.image_id != path.name or not info.kernel.is_file() or not info.initramfs.is_file():
+        return None
+    if info.rootfs is not None and not info.rootfs.is_file():
         return None
     return info
 

@@ -44,6 +44,47 @@ fi
 
 export PATH=/usr/local/bin:/usr/bin:/bin HOME=/root
 cd /
+
+# An image with its own root file system (forkd.root=/dev/vda on the command line): mount it, move the
+# kernel file systems over, and hand over to the image's Python, which runs the agent as PID 1.
+root="" py=""
+for arg in $($bb cat /proc/cmdline); do
+  case "$arg" in
+    forkd.root=*) root="${arg#forkd.root=}" ;;
+    forkd.python=*) py="${arg#forkd.python=}" ;;
+  esac
+done
+if [ -n "$root" ]; then
+  $bb mkdir -p /newroot
+  $bb mount -t ext4 -o noatime,noinit_itable "$root" /newroot || { err "cannot mount $root"; exit 1; }
+  for d in proc sys dev run tmp etc root; do $bb mkdir -p "/newroot/$d"; done
+  $bb chmod 1777 /newroot/tmp
+  $bb umount /tmp /run
+  $bb mount --move /proc /newroot/proc
+  $bb mount --move /sys /newroot/sys
+  $bb mount --move /dev /newroot/dev
+  $bb mount -t tmpfs -o mode=755,nosuid,nodev tmpfs /newroot/run
+  $bb mkdir -p /newroot/run/forkd
+  $bb cp /forkd/agent.py /newroot/run/forkd/agent.py
+  if [ -e /sys/class/net/eth0 ] || [ -e /newroot/sys/class/net/eth0 ]; then
+    $bb rm -f /newroot/etc/resolv.conf
+    echo "nameserver 10.0.2.3" > /newroot/etc/resolv.conf
+  fi
+  # the image's environment (K=V lines written by the image builder) and working directory
+  export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+  [ -d /newroot/opt/forkd/python ] && export PYTHONPATH=/opt/forkd/python
+  if [ -r /newroot/etc/forkd/env ]; then
+    while IFS= read -r line; do
+      case "$line" in [A-Za-z_]*=*) export "$line" ;; esac
+    done < /newroot/etc/forkd/env
+  fi
+  [ -r /newroot/etc/forkd/workdir ] && export FORKD_WORKDIR="$($bb cat /newroot/etc/forkd/workdir)"
+  log "switch to $root, exec $py"
+  exec $bb switch_root /newroot "$py" -s /run/forkd/agent.py
+  err "switch_root to $root failed"
+  exit 1
+fi
+
 log "exec agent"
 exec /usr/bin/python3.11 -S -E /forkd/agent.py
 err "exec /usr/bin/python3.11 failed"

@@ -1,0 +1,490 @@
+"""Filling a recipe image's root file system on the host, without running anything from it.
+
+Each step writes into a staging directory: archives (``docker export`` tars, OCI layouts, ``docker save``
+archives) are unpacked with path checks (no member may land outside the root, through ``..`` or a
+symlink); Debian packages are resolved by apt against the root's own dpkg status, downloaded into a cache
+and unpacked (maintainer scripts are not run); pip wheels are chosen for the image's Python and glibc,
+never the host's. ``make_ext4`` turns the directory into the disk image (``mkfs.ext4 -d``, no root
+needed, no loop mount).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tarfile
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import IO, Any
+
+from forkd.errors import ImageBuildError
+from forkd.fsutil import fsync_file
+
+DPKG_STATUS = "var/lib/dpkg/status"
+MERGED_USR = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
+PIP_TARGET = "opt/forkd/python"  # on the guest's PYTHONPATH (set by /init)
+PYTHON_MIN, PYTHON_MAX = (3, 9), (3, 13)
+APT_HINT = "check the package name (apt-cache search NAME) and run apt-get update"
+
+
+def _run(argv: list[str], what: str, *, cwd: Path | None = None,
+         timeout: float = 1800) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False)
+    except FileNotFoundError as e:
+        raise ImageBuildError(f"{what}: {argv[0]} not found") from e
+    except subprocess.TimeoutExpired as e:
+        raise ImageBuildError(f"{what}: {argv[0]} did not finish within {timeout:.0f} s") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# Archives
+# ---------------------------------------------------------------------------------------------
+
+
+def _member_name(name: str) -> str:
+    """An archive member's path relative to the root ("./usr/bin" and "/usr/bin" are "usr/bin")."""
+    while name.startswith("./"):
+        name = name[2:]
+    return "" if name == "." else name.lstrip("/")
+
+
+def _inside(root: Path, name: str) -> Path:
+    """``root/name`` for an archive member; ImageBuildError if it would escape ``root``."""
+    parts = [p for p in PurePosixPath(name).parts if p not in ("", ".", "/")]
+    if any(p == ".." for p in parts):
+        raise ImageBuildError(f"archive member {name!r} leaves the root file system (..)")
+    return root.joinpath(*parts) if parts else root
+
+
+def _no_symlink_between(root: Path, target: Path) -> None:
+    """Refuse to write through a symlink below ``root`` (an archive could point one anywhere)."""
+    cur = root
+    for part in target.relative_to(root).parts[:-1]:
+        cur = cur / part
+        if cur.is_symlink():
+            raise ImageBuildError(f"archive member {target.relative_to(root)} would be written through the "
+                                  f"symlink {cur.relative_to(root)}")
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
+def extract_tar(fileobj: IO[bytes], root: Path, *, stream: bool = False, merged_usr: bool = False,
+                whiteouts: bool = False) -> None:
+    """Unpack a tar stream into ``root``, keeping owners and modes (no setuid kept for others' files is
+    an image's business: it runs as the guest). ``merged_usr`` maps /bin, /lib, ... into /usr (a Debian
+    package unpacked into a merged-/usr root). ``whiteouts`` applies OCI layer whiteouts."""
+    try:
+        tar = tarfile.open(fileobj=fileobj, mode="r|*") if stream else tarfile.open(fileobj=fileobj, mode="r:*")  # noqa: SIM115
+        with tar:
+            for m in tar:
+                _extract_member(tar, m, root, merged_usr, whiteouts)
+    except tarfile.TarError as e:
+        raise ImageBuildError(f"not a readable tar archive: {e}") from e
+
+
+def _extract_member(tar: tarfile.TarFile, m: tarfile.TarInfo, root: Path, merged_usr: bool, whiteouts: bool) -> None:
+    name = _member_name(m.name)
+    if merged_usr:
+        first, _, rest = name.partition("/")
+        if first in MERGED_USR:
+            name = f"usr/{first}/{rest}" if rest else f"usr/{first}"
+    target = _inside(root, name)
+    if target == root:
+        return
+    _no_symlink_between(root, target)
+    base = target.name
+    if whiteouts and base.startswith(".wh."):
+        if base == ".wh..wh..opq":
+            for p in list(target.parent.iterdir()) if target.parent.is_dir() else []:
+                _remove(p)
+        else:
+            _remove(target.with_name(base[4:]))
+        return
+    if m.isdev():
+        return  # device nodes come from the guest's devtmpfs
+    if m.isdir():
+        if target.is_symlink() and merged_usr:
+            return  # a merged-/usr link such as /bin -> usr/bin stays
+        if target.exists() and not target.is_dir():
+            _remove(target)
+        target.mkdir(parents=True, exist_ok=True)
+    else:
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if m.issym():
+            os.symlink(m.linkname, target)
+        elif m.islnk():
+            src = _inside(root, _member_name(m.linkname))
+            _no_symlink_between(root, src)
+            if not src.is_file() or src.is_symlink():
+                raise ImageBuildError(f"archive member {m.name!r}: hard link to a missing file {m.linkname!r}")
+            os.link(src, target)
+        elif m.isfile():
+            f = tar.extractfile(m)
+            assert f is not None
+            with open(target, "xb") as out:
+                shutil.copyfileobj(f, out, 1 << 20)
+        else:
+            return  # FIFOs and other special files are skipped
+    with contextlib.suppress(OSError):
+        os.lchown(target, m.uid, m.gid)
+    if not m.issym():
+        os.chmod(target, m.mode & 0o7777)
+
+
+def unpack_rootfs(src: Path, root: Path) -> None:
+    """A ``docker export`` tar (any compression) or a directory, copied into ``root``."""
+    if src.is_dir():
+        shutil.copytree(src, root, symlinks=True, dirs_exist_ok=True)
+        return
+    if not src.is_file():
+        raise ImageBuildError(f"--rootfs {src}: no such file or directory")
+    with open(src, "rb") as f:
+        extract_tar(f, root)
+
+
+def _oci_layers(src: Path) -> Iterator[IO[bytes]]:
+    """The layer blobs of an OCI image layout (directory or tar) or a ``docker save`` archive, lowest first."""
+    if src.is_dir():
+        def open_blob(name: str) -> IO[bytes]:
+            return open(_inside(src, _member_name(name)), "rb")
+        yield from _layers_from(open_blob, src)
+        return
+    try:
+        tar = tarfile.open(src)  # noqa: SIM115 (closed below; opening is what may fail)
+    except (OSError, tarfile.TarError) as e:
+        raise ImageBuildError(f"--oci {src}: not an OCI layout or docker save archive: {e}") from e
+    with tar:
+        def open_member(name: str) -> IO[bytes]:
+            f = tar.extractfile(_member_name(name))
+            if f is None:
+                raise KeyError(name)
+            return f
+        yield from _layers_from(open_member, src)
+
+
+def _layers_from(open_blob: Callable[[str], IO[bytes]], src: Path) -> Iterator[IO[bytes]]:
+    def read(name: str) -> object:
+        with open_blob(name) as f:
+            return json.loads(f.read(16 << 20))
+    try:
+        try:
+            manifest: Any = read("manifest.json")
+            layers = [str(x) for x in manifest[0]["Layers"]]
+        except (KeyError, FileNotFoundError):
+            index: Any = read("index.json")
+            m: Any = read(_blob(index["manifests"][0]["digest"]))
+            if "manifests" in m:  # an index of platforms: take linux/amd64
+                chosen = next((x for x in m["manifests"] if x.get("platform", {}).get("architecture") == "amd64"),
+                              m["manifests"][0])
+                m = read(_blob(chosen["digest"]))
+            layers = [_blob(x["digest"]) for x in m["layers"]]
+    except (KeyError, IndexError, TypeError, ValueError, FileNotFoundError) as e:
+        raise ImageBuildError(f"--oci {src}: neither manifest.json (docker save) nor index.json (OCI layout) "
+                              f"describes its layers: {e!r}") from e
+    for layer in layers:
+        yield open_blob(layer)
+
+
+def _blob(digest: str) -> str:
+    algo, _, hexd = str(digest).partition(":")
+    if not re.fullmatch(r"[a-z0-9]+", algo) or not re.fullmatch(r"[0-9a-f]{32,128}", hexd):
+        raise ImageBuildError(f"not a content digest: {digest!r}")
+    return f"blobs/{algo}/{hexd}"
+
+
+def unpack_oci(src: Path, root: Path) -> int:
+    """Apply the image's layers in order (with whiteouts) into ``root``; returns the layer count."""
+    n = 0
+    for blob in _oci_layers(src):
+        with blob:
+            extract_tar(blob, root, stream=True, whiteouts=True)  # "r|*" reads gzip and plain layers
+        n += 1
+    return n
+
+
+# ---------------------------------------------------------------------------------------------
+# Debian packages
+# ---------------------------------------------------------------------------------------------
+
+APT_NAME = re.compile(r"[a-z0-9][a-z0-9+.-]{0,127}(?:=[A-Za-z0-9.+~:-]{1,128})?")
+
+
+def check_apt_name(spec: str) -> str:
+    if not isinstance(spec, str) or not APT_NAME.fullmatch(spec):
+        raise ImageBuildError(f"apt: {spec!r} is not a Debian package name (lowercase letters, digits, + . -, "
+                              "optionally =version)")
+    return spec
+
+
+def resolve_apt(packages: list[str], status: bytes) -> list[tuple[str, str]]:
+    """(package, version) of everything ``packages`` need beyond what ``status`` (a dpkg status file)
+    records as installed, without recommends; ImageBuildError naming an unknown package."""
+    with tempfile.TemporaryDirectory(prefix="forkd-apt-") as tmp:
+        status_file = Path(tmp) / "status"
+        status_file.write_bytes(status)
+        proc = _run(["apt-get", "-s", "-q", "-o", f"Dir::State::status={status_file}", "-o", "Debug::NoLocking=1",
+                     "-o", "APT::Get::Show-Versions=1", "install", "--no-install-recommends", "-y", *packages],
+                    "apt")
+    if proc.returncode != 0:
+        unknown = re.findall(r"Unable to locate package (\S+)", proc.stderr)
+        if unknown:
+            raise ImageBuildError(f"apt: unknown package {', '.join(unknown)} ({APT_HINT})")
+        no_version = re.findall(r"Version '([^']+)' for '([^']+)' was not found", proc.stderr)
+        if no_version:
+            raise ImageBuildError(f"apt: package {no_version[0][1]} has no version {no_version[0][0]}")
+        raise ImageBuildError(f"apt cannot resolve {' '.join(packages)}: {proc.stderr.strip()[-600:]}")
+    out = []
+    for line in proc.stdout.splitlines():
+        m = re.match(r"Inst (\S+) (?:\[[^\]]*\] )?\((\S+) ", line)
+        if m:
+            out.append((m.group(1), m.group(2)))
+    return out
+
+
+def download_debs(packages: list[tuple[str, str]], cache: Path) -> list[Path]:
+    """The .debs of ``packages`` from the cache, downloading the missing ones in one apt-get call."""
+    cache.mkdir(parents=True, exist_ok=True)
+
+    def cached(p: str, v: str) -> Path:
+        return cache / f"{p}_{v.replace(':', '%3a')}.deb"
+    missing = [(p, v) for p, v in packages if not cached(p, v).is_file()]
+    if missing:
+        tmp = Path(tempfile.mkdtemp(prefix=f".download-{os.getpid()}-", dir=cache))
+        try:
+            proc = _run(["apt-get", "download", "-q", *[f"{p}={v}" for p, v in missing]], "apt", cwd=tmp)
+            if proc.returncode != 0:
+                raise ImageBuildError(f"apt-get download failed: {proc.stderr.strip()[-600:]} (check access to the "
+                                      "Debian mirror)")
+            for p, v in missing:
+                arch = [d for d in tmp.glob(f"{p}_*.deb")]
+                if not arch:
+                    raise ImageBuildError(f"apt-get download gave no .deb for {p}={v}")
+                fsync_file(arch[0])
+                os.replace(arch[0], cached(p, v))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return [cached(p, v) for p, v in packages]
+
+
+def install_deb(deb: Path, root: Path) -> None:
+    """Unpack ``deb`` into ``root`` (merged /usr) and record it in the root's dpkg status."""
+    control = _run(["dpkg-deb", "-f", str(deb)], f"dpkg-deb {deb.name}")
+    if control.returncode != 0:
+        raise ImageBuildError(f"{deb.name} is not a Debian package: {control.stderr.strip()[:300]}")
+    proc = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    try:
+        extract_tar(proc.stdout, root, stream=True, merged_usr=(root / "bin").is_symlink())
+    finally:
+        proc.stdout.close()
+        err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+        if proc.wait() != 0:
+            raise ImageBuildError(f"dpkg-deb --fsys-tarfile {deb.name} failed: {err.strip()[:300]}")
+    stanza = control.stdout.strip().splitlines()
+    stanza.insert(1, "Status: install ok installed")
+    status = root / DPKG_STATUS
+    status.parent.mkdir(parents=True, exist_ok=True)
+    with open(status, "a", encoding="utf-8") as f:
+        f.write("\n".join(stanza) + "\n\n")
+
+
+def merged_usr_skeleton(root: Path) -> None:
+    """The /bin -> usr/bin style links of a Debian 12 root (when the root has no /bin yet)."""
+    for d in MERGED_USR:
+        if not (root / d).exists() and not (root / d).is_symlink():
+            (root / "usr" / d).mkdir(parents=True, exist_ok=True)
+            os.symlink(f"usr/{d}", root / d)
+
+
+def read_status(root: Path) -> bytes:
+    p = root / DPKG_STATUS
+    return p.read_bytes() if p.is_file() and not p.is_symlink() else b""
+
+
+# ---------------------------------------------------------------------------------------------
+# Python and pip
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GuestPython:
+    path: str              # as the guest sees it: /usr/bin/python3.11
+    version: tuple[int, int]
+    glibc: tuple[int, int] | None
+
+
+def _resolve_in(root: Path, guest_path: str, depth: int = 0) -> str | None:
+    """Follow ``guest_path``'s symlinks as the guest would, inside ``root``; the final guest path."""
+    if depth > 16:
+        return None
+    p = root / guest_path.lstrip("/")
+    # the directories on the way may be symlinks too (/bin -> usr/bin)
+    parts = PurePosixPath(guest_path).parts[1:]
+    cur = PurePosixPath("/")
+    for i, part in enumerate(parts):
+        nxt = cur / part
+        host = root / str(nxt).lstrip("/")
+        if host.is_symlink():
+            link = os.readlink(host)
+            target = PurePosixPath(link) if link.startswith("/") else cur / link
+            rest = PurePosixPath(*parts[i + 1:]) if i + 1 < len(parts) else None
+            full = os.path.normpath(str(target / rest) if rest else str(target))
+            return _resolve_in(root, full, depth + 1)
+        cur = nxt
+    return str(cur) if (root / str(cur).lstrip("/")).is_file() or p.is_file() else None
+
+
+CANDIDATES = ("/usr/local/bin/python3", "/usr/bin/python3")
+
+
+def find_python(root: Path) -> GuestPython:
+    """The image's Python 3.9..3.13 with its standard library; ImageBuildError saying what was looked for."""
+    looked = list(CANDIDATES)
+    names = [*CANDIDATES]
+    for d in ("usr/local/bin", "usr/bin"):
+        if (root / d).is_dir():
+            names += sorted(f"/{d}/{p.name}" for p in (root / d).glob("python3.*")
+                            if re.fullmatch(r"python3\.\d+", p.name))
+    found_versions = []
+    for cand in names:
+        real = _resolve_in(root, cand)
+        if real is None:
+            continue
+        m = re.search(r"python(3)\.(\d+)$", real) or re.search(r"python(3)\.(\d+)$", cand)
+        if not m:
+            continue
+        version = (3, int(m.group(2)))
+        found_versions.append(f"{cand} ({version[0]}.{version[1]})")
+        if not PYTHON_MIN <= version <= PYTHON_MAX:
+            continue
+        prefix = str(PurePosixPath(real).parent.parent).lstrip("/")
+        stdlib = root / prefix / "lib" / f"python3.{version[1]}"
+        if not (stdlib / "json" / "__init__.py").is_file() and not list(stdlib.glob("json/__init__.*")):
+            found_versions[-1] += " without its standard library"
+            continue
+        return GuestPython(real, version, find_glibc(root))
+    seen = f"; found {', '.join(found_versions)}" if found_versions else ""
+    raise ImageBuildError(f"the root file system has no usable Python: looked for {', '.join(looked)} and "
+                          f"python3.N next to them (CPython 3.9 to 3.13 with its standard library){seen}. "
+                          "Add one with --apt python3 or use a rootfs that has it")
+
+
+def find_glibc(root: Path) -> tuple[int, int] | None:
+    """The glibc version of the root (from libc.so.6's banner), or None (musl, none)."""
+    for d in ("usr/lib/x86_64-linux-gnu", "lib/x86_64-linux-gnu", "usr/lib64", "lib64", "usr/lib"):
+        p = root / d / "libc.so.6"
+        try:
+            if p.is_symlink():
+                real = _resolve_in(root, "/" + str(p.relative_to(root)))
+                if real is None:
+                    continue
+                p = root / real.lstrip("/")
+            data = p.read_bytes()
+        except OSError:
+            continue
+        m = re.search(rb"GNU C Library [^\n]*?version (\d+)\.(\d+)", data)
+        if m:
+            return int(m.group(1)), int(m.group(2))
+    return None
+
+
+def check_pip_spec(spec: str) -> str:
+    """A requirement specifier (``pyyaml``, ``numpy>=1.26``); never an option."""
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    try:
+        if not isinstance(spec, str) or spec.startswith("-"):
+            raise InvalidRequirement("options are not accepted")
+        Requirement(spec)
+    except InvalidRequirement as e:
+        raise ImageBuildError(f"pip: {spec!r} is not a requirement specifier (such as pyyaml or "
+                              f"numpy>=1.26): {e}") from e
+    return spec
+
+
+def pip_install(root: Path, py: GuestPython, specs: list[str], requirements: list[Path]) -> None:
+    """Install wheels for the guest's CPython and glibc into ``root/opt/forkd/python``."""
+    major, minor = py.version
+    glibc = py.glibc or (2, 17)
+    platforms = [f"manylinux_2_{m}_x86_64" for m in range(glibc[1], 4, -1)] + ["manylinux2014_x86_64"] \
+        if glibc[0] == 2 else ["manylinux2014_x86_64"]
+    target = root / PIP_TARGET
+    target.mkdir(parents=True, exist_ok=True)
+    argv = [shutil.which("python3") or "python3", "-m", "pip", "install", "-q", "--no-input",
+            "--disable-pip-version-check", "--no-warn-script-location", "--target", str(target),
+            "--only-binary=:all:", "--implementation", "cp", "--python-version", f"{major}.{minor}",
+            "--abi", f"cp{major}{minor}"]
+    for p in platforms:
+        argv += ["--platform", p]
+    for r in requirements:
+        argv += ["-r", str(r)]
+    argv += specs
+    proc = _run(argv, "pip")
+    if proc.returncode != 0:
+        err = proc.stderr
+        missing = re.findall(r"No matching distribution found for (\S+)", err)
+        what = f"CPython {major}.{minor}, glibc {glibc[0]}.{glibc[1]} x86_64"
+        if missing:
+            raise ImageBuildError(f"pip: no wheel of {', '.join(missing)} for the guest ({what}): the package does "
+                                  "not exist, or has no binary build for that Python and platform")
+        raise ImageBuildError(f"pip install for the guest ({what}) failed: {err.strip()[-800:]}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Files, and the file system image
+# ---------------------------------------------------------------------------------------------
+
+
+def copy_in(src: Path, dst: str, root: Path) -> None:
+    """``--copy SRC:DST``: a host file or directory to guest path DST (absolute)."""
+    if not dst.startswith("/"):
+        raise ImageBuildError(f"--copy {src}:{dst}: the destination must be an absolute guest path")
+    target = _inside(root, dst)
+    _no_symlink_between(root, target)
+    if src.is_dir():
+        shutil.copytree(src, target, symlinks=True, dirs_exist_ok=True)
+    elif src.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, target)
+    else:
+        raise ImageBuildError(f"--copy {src}:{dst}: {src} does not exist")
+
+
+def tree_bytes(root: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, f)).st_blocks * 512
+    return total
+
+
+def make_ext4(root: Path, out: Path, size_mib: int) -> None:
+    """``out``: an ext4 file system of ``size_mib`` holding ``root`` (sparse; no journal: a sandbox's disk
+    is thrown away with it, so crash recovery buys nothing and every journal write would cost a layer)."""
+    need = tree_bytes(root)
+    if need > (size_mib << 20) * 0.85:
+        raise ImageBuildError(f"the image's files need {need >> 20} MiB, too much for a {size_mib} MiB disk; "
+                              "raise --disk-mib")
+    proc = _run(["mkfs.ext4", "-q", "-F", "-L", "forkd-root", "-O", "^has_journal", "-E", "root_owner=0:0",
+                 "-d", str(root), str(out), f"{size_mib}M"], "mkfs.ext4")
+    if proc.returncode != 0:
+        raise ImageBuildError(f"mkfs.ext4 failed: {proc.stderr.strip()[-600:]} (apt-get install -y e2fsprogs)")
+    os.chmod(out, 0o600)  # QEMU opens it before it drops root; no VM uid reads it by name
+    fsync_file(out)
