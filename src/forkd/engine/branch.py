@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from forkd.engine import disk as disks
 from forkd.engine import jail, pagemap, qstream
 from forkd.engine.child import Child
 from forkd.engine.snapshot import MEMORY_NAME, VMSTATE_NAME, Snapshot, SnapshotMeta, SnapshotStore
@@ -114,6 +115,28 @@ def save_devices(vm: VMProcess, devfile: Path) -> None:
             handed.unlink()
 
 
+def switch_disk_layer(vm: VMProcess, base: Snapshot) -> Path:
+    """While the VM is stopped: put a fresh, empty top layer over its disk (``blockdev-snapshot``, the
+    file handed over as an fd: a jailed QEMU cannot open paths). Returns the layer it wrote until now,
+    which it never writes again: a copy of it becomes the branch's layer."""
+    old_top = Path(str(vm.meta["disk_top"]))
+    old_node = str(vm.meta.get("disk_node") or disks.ROOT_NODE)
+    size = int(base.meta.disk["size_bytes"])
+    new_top = disks.new_layer(old_top.with_name(f"disk-{secrets.token_hex(4)}.qcow2"), size)
+    node = f"top-{secrets.token_hex(4)}"
+    fd = os.open(new_top, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fdset = vm.qmp.execute("add-fd", {}, fds=[fd], timeout=30)["fdset-id"]
+    finally:
+        os.close(fd)
+    vm.qmp.execute("blockdev-add", {"driver": "qcow2", "node-name": node, "backing": None,
+                                    "file": {"driver": "file", "filename": f"/dev/fdset/{fdset}"}}, timeout=30)
+    vm.qmp.execute("blockdev-snapshot", {"node": old_node, "overlay": node}, timeout=30)
+    vm.meta.update(disk_top=str(new_top), disk_node=node, disk_layers=int(vm.meta.get("disk_layers", 0)) + 1)
+    vm.save_meta()
+    return old_top
+
+
 def capture(child: Child, base: Snapshot, devfile: Path) -> tuple[list[tuple[int, memoryview]], mmap.mmap, float]:
     """The pause: stop, save devices, find and copy the child's own pages, cont. Returns the pages,
     the buffer holding them, and the pause in seconds. The child is always resumed."""
@@ -126,9 +149,12 @@ def capture(child: Child, base: Snapshot, devfile: Path) -> tuple[list[tuple[int
         raise VMError(f"sandbox {child.id}: cannot inspect its memory (is it still running?): {e}") from e
     buf = pagemap.prefaulted(int(estimate * pagemap.PAGE * 1.25) + (8 << 20))
     t0 = time.monotonic()
+    old_layer = None
     vm.qmp.execute("stop", timeout=30)
     try:
         save_devices(vm, devfile)
+        if vm.meta.get("disk_top"):
+            old_layer = switch_disk_layer(vm, base)
         runs = pagemap.dirty_runs(child.pid, vaddr, size // pagemap.PAGE)
         need = sum(e - s for s, e in runs) * pagemap.PAGE
         if need > len(buf):
@@ -138,6 +164,8 @@ def capture(child: Child, base: Snapshot, devfile: Path) -> tuple[list[tuple[int
         with contextlib.suppress(ForkdError):
             vm.qmp.execute("cont", timeout=30)
         pause = time.monotonic() - t0
+    if old_layer is not None:  # a copy (a reflink where the file system can): the child keeps the file open
+        reflink_or_copy(old_layer, devfile.parent / disks.LAYER_NAME, old_layer.stat().st_size)
     return pages, buf, pause
 
 
@@ -185,7 +213,9 @@ def branch(store: SnapshotStore, child: Child, source: Snapshot, tag: str, mode:
             memory_source=base.tag if chosen == "delta" else None,
             depends_sha256=base.meta.files[MEMORY_NAME]["sha256"] if chosen == "delta" else None,
             branch={"sandbox": child.id, "mode_requested": mode, "pause_ms": round(pause * 1000, 2),
-                    "dirty_bytes": dirty})
+                    "dirty_bytes": dirty},
+            disk={**source.meta.disk, "layers": [*source.meta.disk["layers"], tag],
+                  "layer_sha256": list(source.meta.disk["layer_sha256"])} if source.meta.disk else {})
         snap = store.publish(staging, meta)
         ok = True
     finally:

@@ -78,6 +78,9 @@ def compact(store: SnapshotStore, tag: str, to: str) -> Snapshot:
     if to == tag:
         raise ValidationError("to must differ from the snapshot being compacted")
     src = store.open(tag)
+    if src.meta.disk:
+        raise ValidationError(f"snapshot {tag} has a root disk: compacting image-based snapshots is not "
+                              "supported yet (its disk layers would have to be merged too)")
     src.check_files()
     parsed = qstream.parse(src.vmstate.read_bytes())
     staging = store.stage(to)

@@ -154,6 +154,10 @@ def _pack_links(store: SnapshotStore, tag: str) -> list[_PackLink]:
         t, m = snap.tag, snap.meta
         if m.kind not in KINDS:
             raise PackError(f"snapshot {t} is of kind {m.kind!r}; this forkd packs {', '.join(KINDS)}")
+        if m.disk:
+            raise PackError(f"snapshot {t} has a root disk (image {m.image.get('name') or m.disk.get('image')}); "
+                            "packs of image-based snapshots are not supported yet: rebuild the image on the "
+                            "other host (forkd image build) and create the snapshot there")
         if m.kind == "delta":
             src = m.memory_source
             if src not in memory_sha:

@@ -269,6 +269,10 @@ class VMProcess:
         atomic_write_json(wd.meta, vm_meta, mode=0o600)
         return vm, ids[1:]
 
+    def save_meta(self) -> None:
+        """Rewrite the work dir's record of this VM (after ``meta`` changed)."""
+        atomic_write_json(self.workdir.meta, self.meta, mode=0o600)
+
     @classmethod
     def adopt(cls, workdir: Path) -> VMProcess:
         """Reconnect to a VM we started earlier (e.g. before a controller restart)."""

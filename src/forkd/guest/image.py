@@ -457,8 +457,8 @@ def require_image(root: Path | None = None) -> ImageInfo:
 
 
 def deb_cache_dir() -> Path:
-    """Where downloaded kernel .debs are kept between builds."""
-    return paths.data_dir() / "cache" / "debs"
+    """Where downloaded .debs (the kernel's, recipe images' packages) are kept between builds."""
+    return paths.cache_dir() / "debs"
 
 
 def _deb_matches(deb: Path, package: str, version: str) -> bool:

@@ -32,6 +32,7 @@ from forkd.guest.image import (
     KERNEL_NAME,
     ImageInfo,
     build_image,
+    deb_cache_dir,
     image_id_for,
     list_images,
     load_image,
@@ -42,7 +43,7 @@ NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 MIN_DISK_MIB, MAX_DISK_MIB, DEFAULT_DISK_MIB = 256, 65536, 2048
 #: what an image without --rootfs/--oci starts from (Debian's Python and a shell, from Debian's mirror)
-BASE_APT = ("python3", "bash", "coreutils")
+BASE_APT = ("python3", "dash", "bash", "coreutils")
 ROOTFS_NAME = "rootfs.ext4"
 NAMES_DIR = "names"
 STEPS = ("resolve packages", "unpack rootfs", "download packages", "unpack packages", "pip wheels",
@@ -376,7 +377,7 @@ def _build(recipe: Recipe, boot: ImageInfo, inputs: dict[str, str], resolved: li
     else:
         rootfs.merged_usr_skeleton(tree)
     steps("download packages")
-    debs = rootfs.download_debs(resolved, paths.data_dir() / "cache" / "debs")
+    debs = rootfs.download_debs(resolved, deb_cache_dir())
     steps("unpack packages")
     for deb in debs:
         rootfs.install_deb(deb, tree)
