@@ -116,7 +116,7 @@ def create_app(ctl: Controller, metrics: Metrics) -> FastAPI:
               tags=["snapshots"])
     def create_snapshot(req: m.CreateSnapshotRequest) -> dict[str, Any]:
         """Boot a parent from the guest image, warm it and save it (takes seconds)."""
-        return ctl.create_snapshot(req.tag, req.memory_mib, req.vcpus, req.warm_code, req.boot_timeout_s)
+        return ctl.create_snapshot(req.tag, req.memory_mib, req.vcpus, req.warm_code, req.boot_timeout_s, req.image)
 
     @app.get("/v1/snapshots/{tag}/info", response_model=m.SnapshotInfo, responses=ERRORS, tags=["snapshots"])
     def snapshot_info(tag: Tag) -> dict[str, Any]:

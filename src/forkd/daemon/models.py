@@ -38,6 +38,9 @@ class CreateSnapshotRequest(Strict):
     vcpus: int = Field(1, ge=MIN_VCPUS, le=MAX_VCPUS)
     warm_code: str | None = Field(None, max_length=1 << 20, description="Python run in the parent before saving.")
     boot_timeout_s: float = Field(300.0, gt=0, le=3600, description="Seconds to wait for the guest agent.")
+    image: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$",
+                              description="A recipe image built with forkd image build --name (default: the "
+                                          "built-in Python + numpy image).")
 
 
 class SnapshotInfo(BaseModel):

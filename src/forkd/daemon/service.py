@@ -154,9 +154,9 @@ class Controller:
             return [{"tag": t, **p} for t, p in self._pending.items() if not self.engine.store.exists(t)]
 
     def create_snapshot(self, tag: str, memory_mib: int, vcpus: int, warm_code: str | None,
-                        boot_timeout_s: float) -> dict[str, Any]:
+                        boot_timeout_s: float, image: str | None = None) -> dict[str, Any]:
         snap = self.engine.create_snapshot(tag, memory_mib=memory_mib, vcpus=vcpus, warm_code=warm_code,
-                                           boot_timeout=boot_timeout_s)
+                                           boot_timeout=boot_timeout_s, image_name=image)
         return {**snap.summary(), "status": "ready", "sandboxes": 0}
 
     def delete_snapshot(self, tag: str, force: bool = False, cascade: bool = False) -> list[str]:

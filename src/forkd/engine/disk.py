@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from forkd import paths
-from forkd.errors import SnapshotInvalidError, VMError
+from forkd.errors import SnapshotInvalidError, ValidationError, VMError
 
 LAYER_NAME = "disk.qcow2"
 ROOT_NODE = "root"
@@ -125,5 +125,8 @@ def check_record(disk: object, tag: str) -> dict[str, object]:
     if layers[-1] != tag:
         raise SnapshotInvalidError(f"snapshot {tag}: snapshot.json: disk.layers must end with the snapshot itself")
     for t in layers:
-        paths.validate_tag(t, "disk.layers")
+        try:
+            paths.validate_tag(t, "disk.layers")
+        except ValidationError as e:
+            raise SnapshotInvalidError(f"snapshot {tag}: snapshot.json: {e}") from None
     return disk

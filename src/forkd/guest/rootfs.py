@@ -411,7 +411,9 @@ def check_pip_spec(spec: str) -> str:
     try:
         if not isinstance(spec, str) or spec.startswith("-"):
             raise InvalidRequirement("options are not accepted")
-        Requirement(spec)
+        req = Requirement(spec)
+        if req.url is not None and not req.url.startswith("https://"):
+            raise InvalidRequirement("a direct reference must be an https:// URL (no local files)")
     except InvalidRequirement as e:
         raise ImageBuildError(f"pip: {spec!r} is not a requirement specifier (such as pyyaml or "
                               f"numpy>=1.26): {e}") from e

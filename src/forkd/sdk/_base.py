@@ -268,14 +268,17 @@ def op_list_snapshots() -> Call[list[SnapshotInfo]]:
 
 
 def op_create_snapshot(tag: str, memory_mib: int, vcpus: int, warm_code: str | None,
-                       boot_timeout: float) -> Call[SnapshotInfo]:
+                       boot_timeout: float, image: str | None = None) -> Call[SnapshotInfo]:
     check_str(tag, "tag", empty=False)
     check_int(memory_mib, "memory_mib", 1)
     check_int(vcpus, "vcpus", 1)
     if warm_code is not None:
         check_str(warm_code, "warm_code")
     bt = seconds(boot_timeout, "boot_timeout")
-    body = {"tag": tag, "memory_mib": memory_mib, "vcpus": vcpus, "warm_code": warm_code, "boot_timeout_s": bt}
+    body: dict[str, Any] = {"tag": tag, "memory_mib": memory_mib, "vcpus": vcpus, "warm_code": warm_code,
+                            "boot_timeout_s": bt}
+    if image is not None:
+        body["image"] = check_str(image, "image", empty=False)
     return Call("POST", "/v1/snapshots", model(SnapshotInfo), json=body, timeout=bt + SNAPSHOT_MARGIN)
 
 

@@ -103,13 +103,15 @@ class AsyncController(b.BaseController):
         return await self._request(b.op_list_snapshots())
 
     async def create_snapshot(self, tag: str, *, memory_mib: int = 512, vcpus: int = 1,
-                              warm_code: str | None = None, boot_timeout: float = 300.0) -> SnapshotInfo:
+                              warm_code: str | None = None, boot_timeout: float = 300.0,
+                              image: str | None = None) -> SnapshotInfo:
         """Boot a parent VM, run ``warm_code`` (Python) in it, and save it as snapshot ``tag``.
 
         ``memory_mib`` is the guest RAM in MiB; ``boot_timeout`` the seconds allowed for the guest agent
-        to come up (the request may take up to ``boot_timeout`` + 300 s). ConflictError if ``tag`` exists.
+        to come up (the request may take up to ``boot_timeout`` + 300 s); ``image`` a recipe image's name
+        (``forkd image build --name``; default: the built-in image). ConflictError if ``tag`` exists.
         """
-        return await self._request(b.op_create_snapshot(tag, memory_mib, vcpus, warm_code, boot_timeout))
+        return await self._request(b.op_create_snapshot(tag, memory_mib, vcpus, warm_code, boot_timeout, image))
 
     async def snapshot_info(self, tag: str) -> SnapshotInfo:
         """One snapshot; NotFoundError if there is none with that tag."""

@@ -1,0 +1,159 @@
+"""Recipe images without VMs: hostile archives, the recipe file, the guest's Python, the disk record."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from forkd.engine import disk
+from forkd.engine.qemu import MachineSpec, default_devices
+from forkd.errors import ImageBuildError, SnapshotInvalidError, ValidationError
+from forkd.guest import rootfs
+from forkd.guest.recipe import Recipe
+
+
+def _tar(members: list[tuple[str, str, bytes | str]]) -> io.BytesIO:
+    """A tar of (kind, name, data-or-link-target) members, kind in file/dir/sym/hard."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for kind, name, data in members:
+            ti = tarfile.TarInfo(name)
+            if kind == "file":
+                raw = data if isinstance(data, bytes) else data.encode()
+                ti.size = len(raw)
+                tar.addfile(ti, io.BytesIO(raw))
+                continue
+            ti.type = {"dir": tarfile.DIRTYPE, "sym": tarfile.SYMTYPE, "hard": tarfile.LNKTYPE}[kind]
+            if kind in ("sym", "hard"):
+                ti.linkname = str(data)
+            tar.addfile(ti)
+    buf.seek(0)
+    return buf
+
+
+def test_member_with_dotdot_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ImageBuildError, match="leaves the root"):
+        rootfs.extract_tar(_tar([("file", "../escape", b"x")]), tmp_path / "root")
+    assert not (tmp_path / "escape").exists()
+
+
+def test_write_through_a_symlink_is_refused(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    root = tmp_path / "root"
+    root.mkdir()
+    with pytest.raises(ImageBuildError, match="through the symlink"):
+        rootfs.extract_tar(_tar([("sym", "etc", str(outside)), ("file", "etc/passwd", b"owned")]), root)
+    assert not (outside / "passwd").exists()
+
+
+def test_hard_link_outside_the_root_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    with pytest.raises(ImageBuildError):
+        rootfs.extract_tar(_tar([("hard", "shadow", "../../etc/shadow")]), root)
+
+
+def test_absolute_names_and_symlinks_stay_inside(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    rootfs.extract_tar(_tar([("dir", "/usr/bin", b""), ("file", "/usr/bin/python3.12", b"#!"),
+                             ("sym", "./usr/bin/python3", "python3.12"), ("file", ".hidden", b"h")]), root)
+    assert (root / "usr/bin/python3.12").read_bytes() == b"#!"
+    assert os.readlink(root / "usr/bin/python3") == "python3.12"
+    assert (root / ".hidden").is_file()  # a leading dot is part of the name
+
+
+def test_merged_usr_and_whiteouts(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    rootfs.merged_usr_skeleton(root)
+    rootfs.extract_tar(_tar([("dir", "./bin", b""), ("file", "./bin/jq", b"elf")]), root, merged_usr=True)
+    assert (root / "usr/bin/jq").read_bytes() == b"elf" and (root / "bin").is_symlink()
+    rootfs.extract_tar(_tar([("file", "opt/a", b"1"), ("file", "opt/b", b"2")]), root)
+    rootfs.extract_tar(_tar([("file", "opt/.wh.a", b"")]), root, whiteouts=True)
+    assert not (root / "opt/a").exists() and (root / "opt/b").exists()
+    rootfs.extract_tar(_tar([("file", "opt/.wh..wh..opq", b"")]), root, whiteouts=True)
+    assert list((root / "opt").iterdir()) == []
+
+
+def _fake_python(root: Path, minor: int, stdlib: bool = True) -> None:
+    (root / "usr/bin").mkdir(parents=True, exist_ok=True)
+    (root / f"usr/bin/python3.{minor}").write_bytes(b"\x7fELF")
+    (root / "usr/bin/python3").symlink_to(f"python3.{minor}")
+    if stdlib:
+        (root / f"usr/lib/python3.{minor}/json").mkdir(parents=True)
+        (root / f"usr/lib/python3.{minor}/json/__init__.py").write_text("")
+
+
+def test_find_python_follows_links_and_checks_the_version(tmp_path: Path) -> None:
+    good = tmp_path / "good"
+    _fake_python(good, 12)
+    py = rootfs.find_python(good)
+    assert (py.path, py.version) == ("/usr/bin/python3.12", (3, 12))
+    old = tmp_path / "old"
+    _fake_python(old, 8)
+    with pytest.raises(ImageBuildError, match=r"no usable Python.*python3 \(3\.8\)"):
+        rootfs.find_python(old)
+    bare = tmp_path / "bare"
+    _fake_python(bare, 11, stdlib=False)
+    with pytest.raises(ImageBuildError, match="without its standard library"):
+        rootfs.find_python(bare)
+
+
+def test_recipe_file_fields_and_errors(tmp_path: Path) -> None:
+    (tmp_path / "req.txt").write_text("pyyaml\n")
+    f = tmp_path / "r.toml"
+    f.write_text('name = "pandas"\napt = ["jq"]\npip = ["pandas<3"]\nrequirements = ["req.txt"]\n'
+                 'env = { MODE = "x" }\nworkdir = "/work"\ndisk_mib = 4096\ncopy = ["req.txt:/opt/req.txt"]\n')
+    r = Recipe.from_toml(f, apt=["git"]).check()
+    assert (r.name, r.apt, r.pip, r.env, r.workdir, r.disk_mib) == ("pandas", ["jq", "git"], ["pandas<3"],
+                                                                     {"MODE": "x"}, "/work", 4096)
+    assert r.requirements == [tmp_path / "req.txt"] and r.copy == [(tmp_path / "req.txt", "/opt/req.txt")]
+    f.write_text('name = "x"\nimage = "debian"\n')
+    with pytest.raises(ValidationError, match="unknown field.*image"):
+        Recipe.from_toml(f)
+    f.write_text('name = "x"\napt = "jq"\n')
+    with pytest.raises(ValidationError, match="apt must be a list"):
+        Recipe.from_toml(f)
+
+
+def test_pip_specs_cannot_be_options() -> None:
+    for bad in ("--index-url=http://x", "-e .", "pkg @@", "", "x @ file:///etc/shadow"):
+        with pytest.raises(ImageBuildError, match="pip"):
+            rootfs.check_pip_spec(bad)
+    assert rootfs.check_pip_spec("numpy>=1.26,<3") == "numpy>=1.26,<3"
+
+
+def test_blockdev_args_are_json_and_name_every_layer(tmp_path: Path) -> None:
+    chain = disk.DiskChain(Path("/img/a,b/rootfs.ext4"), (Path("/s/p/disk.qcow2"),), 2 << 30)
+    args = chain.blockdev_args(Path("/c/disk.qcow2"))
+    nodes = [json.loads(a) for a in args[1::2]]
+    assert args[::2] == ["-blockdev"] * 3
+    assert nodes[0]["file"]["filename"] == "/img/a,b/rootfs.ext4" and nodes[0]["read-only"] is True
+    assert nodes[1]["backing"] == "d0" and nodes[1]["read-only"] is True
+    assert nodes[2]["node-name"] == disk.ROOT_NODE and nodes[2]["backing"] == "d1" and "read-only" not in nodes[2]
+
+
+def test_disk_record_is_checked() -> None:
+    good = {"image": "0123456789abcdef", "size_bytes": 1 << 31, "layers": ["a", "b"], "layer_sha256": []}
+    assert disk.check_record(good, "b") is good
+    for bad, why in (({**good, "layers": ["a", "../x", "b"]}, "disk.layers must match"),
+                     ({**good, "layers": ["a"]}, "end with"),
+                     ({**good, "size_bytes": "1"}, "size_bytes"), ({**good, "image": "../../etc"}, "image id"),
+                     ({**good, "layers": ["b"] * 65}, "1..64")):
+        with pytest.raises(SnapshotInvalidError, match=why):
+            disk.check_record(bad, "b")
+
+
+def test_spec_with_a_disk_is_accepted_and_other_devices_are_not() -> None:
+    spec = MachineSpec(devices=(*default_devices(), disk.DISK_DEVICE)).check()
+    assert spec.has_disk
+    d = spec.to_json()
+    d["devices"] = [*default_devices(), "virtio-blk-device,drive=root,serial=x"]
+    with pytest.raises(SnapshotInvalidError, match="spec.devices"):
+        MachineSpec.from_json(d)
