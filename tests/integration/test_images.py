@@ -194,3 +194,40 @@ def test_bad_recipe_fields_are_named(forkd_home: Path) -> None:
                           (Recipe(name="x", copy=[(Path("/etc/hostname"), "/a/../../b")]), "copy")):
         with pytest.raises(ValidationError, match=field):
             recipe.check()
+
+
+def test_pack_of_an_image_snapshot_forks_on_a_fresh_root(engine: Engine, jq_snapshot: str, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         children: list[Child]) -> None:
+    from forkd.engine.pack import pack, unpack
+
+    (c,) = fork(engine, jq_snapshot, children)
+    c.write_file("/root/note", b"from the branch")
+    tag = "img-pack-br"
+    engine.branch(c, tag)
+    try:
+        out = tmp_path / "img.tar.zst"
+        res = pack(engine.store, tag, out)
+        assert [r["path"] for r in res["files"]][:4] == [".image/image.json", ".image/vmlinuz",
+                                                         ".image/initramfs.cpio", ".image/rootfs.ext4"]
+        fresh_images = tmp_path / "images"
+        monkeypatch.setenv("FORKD_IMAGE_ROOT", str(fresh_images))
+        eng = Engine(snapshot_root=tmp_path / "root", run_dir=tmp_path / "run")
+        made: list[Child] = []
+        try:
+            assert unpack(eng.store, out) == [jq_snapshot, tag]
+            assert (fresh_images / engine.store.open(tag).meta.disk["image"] / "rootfs.ext4").is_file()
+            (g,) = fork(eng, tag, made)
+            assert g.read_file("/root/note") == b"from the branch"
+            assert g.exec(["jq", "-n", "2*21"]).stdout.strip() == "42"
+            assert unpack(eng.store, out) == [jq_snapshot, tag]  # the second time everything is reused
+        finally:
+            for m in made:
+                m.kill()
+            eng.close()
+    finally:
+        monkeypatch.undo()
+        for ch in list(children):
+            ch.kill()
+        children.clear()
+        engine.delete_snapshot(tag)

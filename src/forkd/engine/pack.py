@@ -45,6 +45,8 @@ from typing import IO, Any, cast
 import zstandard
 
 from forkd import __version__
+from forkd.engine import disk as disks
+from forkd.engine import packimage
 from forkd.engine.chain import MAX_DEPTH, ancestors
 from forkd.engine.snapshot import MEMORY_NAME, META_NAME, VMSTATE_NAME, Snapshot, SnapshotMeta, SnapshotStore, seal
 from forkd.engine.specguard import MAX_MEMORY_MIB
@@ -58,13 +60,14 @@ from forkd.errors import (
     ValidationError,
 )
 from forkd.fsutil import atomic_write_json, fsync_dir
-from forkd.paths import validate_tag
+from forkd.paths import image_root, validate_tag
 
 log = logging.getLogger(__name__)
 
 PACK_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-SNAPSHOT_FILES = (META_NAME, VMSTATE_NAME, MEMORY_NAME)  # in archive order (a delta has no memory.bin)
+# in archive order (a delta has no memory.bin; only an image-based snapshot has a disk layer)
+SNAPSHOT_FILES = (META_NAME, VMSTATE_NAME, MEMORY_NAME, disks.LAYER_NAME)
 KINDS = ("root", "flat", "delta")
 CHUNK = 1 << 20
 MAX_MANIFEST_BYTES = 1 << 20
@@ -82,6 +85,7 @@ SPARSE_BLOCK = 4096
 _ZERO_CHUNK = bytes(CHUNK)
 _ZERO_BLOCK = bytes(SPARSE_BLOCK)
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_IMAGE_ID_RE = re.compile(r"^[0-9a-f]{16}$")
 _ZSTD_MAGIC = 0xFD2FB528
 _ZSTD_MAX_BLOCK = 128 << 10
 
@@ -118,8 +122,10 @@ def _tarinfo(name: str, size: int, mtime: float) -> tarfile.TarInfo:
 
 
 def _own_files(meta: SnapshotMeta) -> tuple[str, ...]:
-    """The files a snapshot directory holds besides snapshot.json: a delta has no memory.bin of its own."""
-    return (VMSTATE_NAME,) if meta.kind == "delta" else (VMSTATE_NAME, MEMORY_NAME)
+    """The files a snapshot directory holds besides snapshot.json: a delta has no memory.bin of its own,
+    an image-based snapshot has its disk layer."""
+    files = (VMSTATE_NAME,) if meta.kind == "delta" else (VMSTATE_NAME, MEMORY_NAME)
+    return (*files, disks.LAYER_NAME) if meta.disk else files
 
 
 @dataclass
@@ -154,10 +160,9 @@ def _pack_links(store: SnapshotStore, tag: str) -> list[_PackLink]:
         t, m = snap.tag, snap.meta
         if m.kind not in KINDS:
             raise PackError(f"snapshot {t} is of kind {m.kind!r}; this forkd packs {', '.join(KINDS)}")
-        if m.disk:
-            raise PackError(f"snapshot {t} has a root disk (image {m.image.get('name') or m.disk.get('image')}); "
-                            "packs of image-based snapshots are not supported yet: rebuild the image on the "
-                            "other host (forkd image build) and create the snapshot there")
+        if m.disk and m.disk.get("layers") != chain[:i + 1]:
+            raise PackError(f"snapshot {t}: its disk layers ({m.disk.get('layers')}) are not its chain "
+                            f"({' -> '.join(chain[:i + 1])})")
         if m.kind == "delta":
             src = m.memory_source
             if src not in memory_sha:
@@ -186,6 +191,27 @@ def _pack_links(store: SnapshotStore, tag: str) -> list[_PackLink]:
     return links
 
 
+def _add_file(tar: tarfile.TarFile, rec: dict[str, Any], src: Path, advance: Callable[[int], None],
+              what: str) -> None:
+    """Stream ``src`` into the archive as ``rec["path"]``, failing if it is not the size and sha256 that
+    ``rec`` (written to the manifest already) says."""
+    name = src.name
+    with open(src, "rb") as sf:
+        st = os.fstat(sf.fileno())
+        if st.st_size != rec["size"]:
+            raise PackError(f"{what}: {name} changed size while it was being packed")
+        reader = _HashingReader(sf, advance)
+        try:
+            tar.addfile(_tarinfo(rec["path"], rec["size"], st.st_mtime), cast(IO[bytes], reader))
+        except OSError as e:
+            if "unexpected end of data" not in str(e):
+                raise
+            raise PackError(f"{what}: {name} shrank while it was being packed") from e
+    if reader.h.hexdigest() != rec["sha256"]:
+        raise PackError(f"{what}: {name} changed while it was being packed (its sha256 no longer matches "
+                        "what was recorded)")
+
+
 def pack(store: SnapshotStore, tag: str, out: Path, *, progress: ByteProgress | None = None, level: int = 3,
          force: bool = False) -> dict[str, Any]:
     """Write snapshot ``tag`` and every snapshot it depends on to ``out`` (a ``.tar.zst``); return what
@@ -210,10 +236,15 @@ def pack(store: SnapshotStore, tag: str, out: Path, *, progress: ByteProgress | 
     t0 = time.monotonic()
     links = _pack_links(store, tag)
     chain = [link.snap.tag for link in links]
-    records = [rec for link in links for rec in link.records]
+    disk = links[-1].snap.meta.disk
+    try:
+        image_files = packimage.image_records(str(disk["image"]), str(disk["base_sha256"])) if disk else []
+    except packimage.PackImageError as e:
+        raise PackError(str(e)) from e
+    records = [rec for rec, _ in image_files] + [rec for link in links for rec in link.records]
     created_at = time.time()
     manifest = {"forkd_pack_version": PACK_VERSION, "forkd_version": __version__, "created_at": created_at,
-                "tag": tag, "files": records, "chain": chain}
+                "tag": tag, "files": records, "chain": chain, **({"image": disk["image"]} if disk else {})}
     manifest_bytes = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
 
     total = sum(r["size"] for r in records)
@@ -238,28 +269,15 @@ def pack(store: SnapshotStore, tag: str, out: Path, *, progress: ByteProgress | 
                     tarfile.open(fileobj=zw, mode="w|", format=tarfile.PAX_FORMAT, bufsize=CHUNK,  # type: ignore[call-overload]
                                  copybufsize=CHUNK) as tar:
                 tar.addfile(_tarinfo(MANIFEST_NAME, len(manifest_bytes), created_at), io.BytesIO(manifest_bytes))
+                for rec, src in image_files:
+                    _add_file(tar, rec, src, advance, f"image {disk['image']}")
                 for link in links:
                     t = link.snap.tag
                     tar.addfile(_tarinfo(link.records[0]["path"], len(link.meta_bytes), created_at),
                                 io.BytesIO(link.meta_bytes))
                     advance(len(link.meta_bytes))
                     for rec, name in zip(link.records[1:], _own_files(link.snap.meta), strict=True):
-                        src = link.snap.path / name
-                        with open(src, "rb") as sf:
-                            st = os.fstat(sf.fileno())
-                            if st.st_size != rec["size"]:
-                                raise PackError(f"snapshot {t}: {name} changed size while it was being packed")
-                            reader = _HashingReader(sf, advance)
-                            try:
-                                tar.addfile(_tarinfo(rec["path"], rec["size"], st.st_mtime),
-                                            cast(IO[bytes], reader))
-                            except OSError as e:
-                                if "unexpected end of data" not in str(e):
-                                    raise
-                                raise PackError(f"snapshot {t}: {name} shrank while it was being packed") from e
-                        if reader.h.hexdigest() != rec["sha256"]:
-                            raise PackError(f"snapshot {t}: {name} changed while it was being packed "
-                                            "(its sha256 no longer matches snapshot.json)")
+                        _add_file(tar, rec, link.snap.path / name, advance, f"snapshot {t}")
             f.flush()
             os.fsync(f.fileno())
         if not force and out.exists():
@@ -384,8 +402,8 @@ class _Entry:
     sha256: str
 
 
-def _parse_manifest(data: bytes) -> tuple[str, list[str], dict[str, _Entry]]:
-    """(tag, chain, entries by path) of a manifest, or PackError naming what is wrong."""
+def _parse_manifest(data: bytes) -> tuple[str, list[str], dict[str, _Entry], str | None]:
+    """(tag, chain, entries by path, image id or None) of a manifest, or PackError naming what is wrong."""
     try:
         m = json.loads(data)
     except ValueError as e:
@@ -413,13 +431,19 @@ def _parse_manifest(data: bytes) -> tuple[str, list[str], dict[str, _Entry]]:
         raise PackError(f"corrupt archive: {MANIFEST_NAME}: chain {chain!r} does not end with its tag {tag!r}")
     if not isinstance(files, list):
         raise PackError(f"corrupt archive: {MANIFEST_NAME} has no file list")
+    image = m.get("image")
+    if image is not None and (not isinstance(image, str) or not _IMAGE_ID_RE.fullmatch(image)):
+        raise PackError(f"corrupt archive: {MANIFEST_NAME}: bad image id {image!r}")
     entries: dict[str, _Entry] = {}
     for rec in files:
         if not isinstance(rec, dict):
             raise PackError(f"corrupt archive: {MANIFEST_NAME}: file entry {rec!r} is not an object")
         path, size, digest = rec.get("path"), rec.get("size"), rec.get("sha256")
         parts = path.split("/") if isinstance(path, str) else []
-        if not isinstance(path, str) or len(parts) != 2 or parts[0] not in chain or parts[1] not in SNAPSHOT_FILES:
+        image_file = image is not None and len(parts) == 2 and parts[0] == packimage.IMAGE_DIR \
+            and parts[1] in packimage.IMAGE_FILES
+        if not isinstance(path, str) or len(parts) != 2 or not image_file and (
+                parts[0] not in chain or parts[1] not in SNAPSHOT_FILES):
             raise PackError(f"corrupt archive: {MANIFEST_NAME} lists an unexpected path {path!r}")
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise PackError(f"corrupt archive: {MANIFEST_NAME}: bad size {size!r} for {path}")
@@ -435,11 +459,15 @@ def _parse_manifest(data: bytes) -> tuple[str, list[str], dict[str, _Entry]]:
         if missing:
             raise PackError(f"corrupt archive: {MANIFEST_NAME} lists no {', '.join(missing)} for {t}, "
                             "a snapshot of its chain")
+    if image is not None:
+        missing = [n for n in packimage.IMAGE_FILES if f"{packimage.IMAGE_DIR}/{n}" not in entries]
+        if missing:
+            raise PackError(f"corrupt archive: {MANIFEST_NAME} lists no {', '.join(missing)} for image {image}")
     total = sum(e.size for e in entries.values())
     if total > MAX_UNPACK_BYTES:
         raise PackError(f"refused archive: its files add up to {total} bytes; this forkd unpacks at most "
                         f"{MAX_UNPACK_BYTES} ({MAX_UNPACK_BYTES >> 30} GiB)")
-    return tag, chain, entries
+    return tag, chain, entries, image
 
 
 def free_bytes(path: Path) -> int:
@@ -572,8 +600,27 @@ def _check_meta(staging: Path, chain: list[str], tag: str, entries: dict[str, _E
         if own_memory is None:
             raise PackError(f"corrupt archive: {MANIFEST_NAME} lists no {MEMORY_NAME} for {tag}, a {meta.kind} "
                             "snapshot")
+    if meta.disk:
+        layers, hashes = meta.disk["layers"], meta.disk.get("layer_sha256") or []
+        if layers != chain[:i + 1] or len(hashes) != len(layers):
+            raise PackError(f"corrupt archive: {tag}/{META_NAME}: its disk layers {layers!r} are not its chain "
+                            f"{' -> '.join(chain[:i + 1])}")
+        for t, digest in zip(layers, hashes, strict=True):
+            entry = entries.get(f"{t}/{disks.LAYER_NAME}")
+            if entry is None or entry.sha256 != digest:
+                raise PackError(f"corrupt archive: {tag} needs the disk layer of {t} with sha256 {str(digest)[:16]}"
+                                "..., which the pack does not hold")
+        base = entries.get(f"{packimage.IMAGE_DIR}/{disks.ROOTFS_NAME}")
+        if base is None or base.sha256 != meta.disk.get("base_sha256"):
+            raise PackError(f"corrupt archive: {tag} needs the file system of image {meta.disk.get('image')}, "
+                            "which the pack does not hold")
+    elif any(e.dir == tag and e.name == disks.LAYER_NAME for e in entries.values()):
+        raise PackError(f"corrupt archive: {MANIFEST_NAME} lists a disk layer for {tag}, which has no disk")
     for name in _own_files(meta):
-        rec, entry = meta.files.get(name) or {}, entries[f"{tag}/{name}"]
+        key = f"{tag}/{name}"
+        if key not in entries:
+            raise PackError(f"corrupt archive: {MANIFEST_NAME} lists no {name} for {tag}")
+        rec, entry = meta.files.get(name) or {}, entries[key]
         if rec.get("size") != entry.size or rec.get("sha256") != entry.sha256:
             raise PackError(f"corrupt archive: {tag}/{META_NAME} records {name} as {rec.get('size')} bytes, "
                             f"sha256 {str(rec.get('sha256'))[:16]}..., the manifest as {entry.size} bytes, "
@@ -621,7 +668,8 @@ def _local_difference(store: SnapshotStore, local: str, link: str, entries: dict
     except (OSError, ValueError, KeyError, TypeError, AttributeError, SnapshotInvalidError) as e:
         return None, f"its {META_NAME} is unreadable ({e})"
     mine = {name: meta.files.get(name) or {} for name in _own_files(meta)}
-    theirs = {name: entries[f"{link}/{name}"] for name in (VMSTATE_NAME, MEMORY_NAME) if f"{link}/{name}" in entries}
+    theirs = {name: entries[f"{link}/{name}"] for name in (VMSTATE_NAME, MEMORY_NAME, disks.LAYER_NAME)
+              if f"{link}/{name}" in entries}
     if mine.keys() != theirs.keys():
         return meta, (f"it {'has' if MEMORY_NAME in mine else 'has no'} memory.bin of its own, the pack's "
                       f"{'has' if MEMORY_NAME in theirs else 'has none'}")
@@ -745,7 +793,7 @@ def unpack_chain(store: SnapshotStore, archive: Path, *, tag: str | None = None,
                     raise PackError(f"not a forkd pack: {archive} does not start with a {MANIFEST_NAME}")
                 mf = tar.extractfile(first)
                 assert mf is not None
-                pack_tag, chain, entries = _parse_manifest(mf.read(first.size))
+                pack_tag, chain, entries, image_id = _parse_manifest(mf.read(first.size))
                 # everything after the manifest: the files, a header (+ pax header) each, the end blocks
                 limited.limit = (limited.pos + sum(e.size for e in entries.values()) + len(entries) * (64 << 10)
                                  + (1 << 20))
@@ -774,8 +822,21 @@ def unpack_chain(store: SnapshotStore, archive: Path, *, tag: str | None = None,
                         f"exist{'' if len(conflicts) > 1 else 's'} here and differ from the pack's; use --force to "
                         "replace " + ("them" if len(conflicts) > 1 else "it")
                         + (" or --tag to unpack it under another name" if len(chain) == 1 else ""))
+                image_plan = None
+                if image_id is not None:
+                    try:
+                        image_plan = packimage.local_state(
+                            image_id, entries[f"{packimage.IMAGE_DIR}/{disks.ROOTFS_NAME}"].sha256)
+                    except packimage.PackImageError as e:
+                        raise PackConflictError(str(e)) from e
+                    if image_plan == "new":
+                        image_root().mkdir(parents=True, exist_ok=True)
+                        image_staging = image_root() / f".staging-{image_id}-{os.getpid()}-{secrets.token_hex(4)}"
+                        image_staging.mkdir(mode=0o700)
+                        stagings[packimage.IMAGE_DIR] = image_staging
                 store.root.mkdir(parents=True, exist_ok=True)
-                _check_room(store, entries, [t for t in chain if force or plan[t] != "reuse"])
+                _check_room(store, entries, [t for t in chain if force or plan[t] != "reuse"]
+                            + ([packimage.IMAGE_DIR] if image_plan == "new" else []))
                 for t in chain:
                     stagings[t] = store.root / f".staging-{names[t]}-{os.getpid()}-{secrets.token_hex(4)}"
                     stagings[t].mkdir(mode=0o700)
@@ -786,6 +847,9 @@ def unpack_chain(store: SnapshotStore, archive: Path, *, tag: str | None = None,
                     seen.add(ti.name)
                     src = tar.extractfile(ti)
                     assert src is not None
+                    if entry.dir == packimage.IMAGE_DIR:
+                        _extract(src, stagings[entry.dir] / entry.name if image_plan == "new" else None, entry)
+                        continue
                     # a link kept as it is here: its files are only checked, not written
                     keep = plan[entry.dir] == "reuse" and entry.dir in metas
                     _extract(src, None if keep else stagings[entry.dir] / entry.name, entry)
@@ -803,6 +867,11 @@ def unpack_chain(store: SnapshotStore, archive: Path, *, tag: str | None = None,
                 missing = sorted(set(entries) - seen)
                 if missing:
                     raise _truncated(f"{', '.join(missing)} listed in the manifest but missing from the archive")
+                if image_plan == "new":
+                    try:
+                        packimage.check_staged(stagings[packimage.IMAGE_DIR], str(image_id), entries)
+                    except packimage.PackImageError as e:
+                        raise PackError(str(e)) from e
                 while limited.read(CHUNK):  # to the end of the stream: the zstd checksum is verified there
                     pass
         except tarfile.TarError as e:
@@ -820,6 +889,8 @@ def unpack_chain(store: SnapshotStore, archive: Path, *, tag: str | None = None,
         for t in chain:
             if plan[t] != "reuse":
                 fsync_dir(stagings[t])
+        if image_plan == "new":  # first: the snapshots need it; a complete image is harmless if they fail
+            packimage.publish(stagings.pop(packimage.IMAGE_DIR), str(image_id))
         published: list[tuple[str, Path | None]] = []  # (tag here, the replaced copy)
         try:
             for t in chain:  # root first: a link is never there without the ones it depends on
