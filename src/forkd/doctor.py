@@ -335,6 +335,19 @@ def check_netfilter() -> Check:
               "or metadata address")
 
 
+def check_image_tools() -> Check:
+    """What recipe images need on the host: qemu-img (disk layers), mkfs.ext4, apt-get, dpkg-deb."""
+    missing = [t for t in ("qemu-img", "mkfs.ext4", "apt-get", "dpkg-deb") if shutil.which(t) is None]
+    if missing:
+        return _c("image tools", "WARN", f"{', '.join(missing)} not found: recipe images (forkd image build --name) "
+                  "cannot be built or forked", "apt-get install -y qemu-utils e2fsprogs")
+    from forkd.guest.recipe import named_images
+
+    names = named_images()
+    return _c("image tools", "PASS", f"qemu-img, mkfs.ext4, apt and dpkg-deb present; {len(names)} named image(s)"
+              + (f": {', '.join(sorted(names))}" if names else ""))
+
+
 def check_ksm() -> Check:
     try:
         value = KSM_RUN.read_text().strip()
@@ -506,6 +519,7 @@ def run_checks(url: str | None, token: str | None, token_file: Path | None, tls_
         ("scratch space", check_scratch_space, (scratch_dir,)),
         ("guest image", check_image, ()),
         ("guest clock", check_image_clock, (snapshot_root,)),
+        ("image tools", check_image_tools, ()),
         ("jail", check_jail, ()),
         ("network filter", check_netfilter, ()),
         ("ksm", check_ksm, ()),

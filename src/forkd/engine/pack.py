@@ -831,7 +831,7 @@ def unpack_chain(store: SnapshotStore, archive: Path, *, tag: str | None = None,
                         raise PackConflictError(str(e)) from e
                     if image_plan == "new":
                         image_root().mkdir(parents=True, exist_ok=True)
-                        image_staging = image_root() / f".staging-{image_id}-{os.getpid()}-{secrets.token_hex(4)}"
+                        image_staging = image_root() / f".staging-{image_id}-{secrets.token_hex(4)}-{os.getpid()}"
                         image_staging.mkdir(mode=0o700)
                         stagings[packimage.IMAGE_DIR] = image_staging
                 store.root.mkdir(parents=True, exist_ok=True)
