@@ -157,3 +157,23 @@ def test_spec_with_a_disk_is_accepted_and_other_devices_are_not() -> None:
     d["devices"] = [*default_devices(), "virtio-blk-device,drive=root,serial=x"]
     with pytest.raises(SnapshotInvalidError, match="spec.devices"):
         MachineSpec.from_json(d)
+
+
+def test_qcow2_layers_that_would_open_other_files_are_refused(tmp_path: Path) -> None:
+    import subprocess
+
+    ok = tmp_path / "ok.qcow2"
+    disk.new_layer(ok, 256 << 20)
+    disk.check_qcow2(ok, "layer")
+    for opts, why in (("data_file=" + str(tmp_path / "host-file"), "external data file"),
+                      ("encrypt.format=luks,encrypt.key-secret=s", "encryption"), ("compat=0.10", "version 2")):
+        bad = tmp_path / "bad.qcow2"
+        bad.unlink(missing_ok=True)
+        argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, str(bad), "64M"]
+        if "luks" in opts:
+            argv[2:2] = ["--object", "secret,id=s,data=pw"]
+        subprocess.run(argv, check=True, capture_output=True)
+        with pytest.raises(SnapshotInvalidError, match=why):
+            disk.check_qcow2(bad, "layer")
+    with pytest.raises(SnapshotInvalidError, match="not a qcow2"):
+        disk.check_qcow2(tmp_path / "host-file", "layer")

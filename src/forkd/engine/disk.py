@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import shutil
+import struct
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,3 +131,50 @@ def check_record(disk: object, tag: str) -> dict[str, object]:
         except ValidationError as e:
             raise SnapshotInvalidError(f"snapshot {tag}: snapshot.json: {e}") from None
     return disk
+
+
+QCOW2_MAGIC = b"QFI\xfb"
+_INCOMPAT_OK = 0b1001  # dirty (bit 0) and compression type (bit 3); never corrupt or an external data file
+_EXT_DATA_FILE, _EXT_ENCRYPTION = 0x44415441, 0x0537BE77
+
+
+def check_qcow2(path: Path, what: str) -> None:
+    """Refuse a qcow2 layer whose header could make QEMU open another file or decrypt: a layer from a pack
+    or a tampered snapshot directory is parsed by QEMU while it is still root. Allowed: version 3,
+    unencrypted, no internal snapshots, no external data file (header feature or extension)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError as e:
+        raise SnapshotInvalidError(f"{what}: cannot read {path}: {e}") from e
+    if len(head) < 104 or head[:4] != QCOW2_MAGIC:
+        raise SnapshotInvalidError(f"{what}: {path.name} is not a qcow2 file")
+    version, = struct.unpack_from(">I", head, 4)
+    crypt, = struct.unpack_from(">I", head, 32)
+    nb_snapshots, = struct.unpack_from(">I", head, 60)
+    incompat, _compat, autoclear = struct.unpack_from(">QQQ", head, 72)
+    header_length, = struct.unpack_from(">I", head, 100)
+    problems = []
+    if version != 3:
+        problems.append(f"version {version} (forkd writes 3)")
+    if crypt:
+        problems.append("encryption")
+    if nb_snapshots:
+        problems.append("internal snapshots")
+    if incompat & ~_INCOMPAT_OK:
+        problems.append(f"incompatible features {incompat:#x}")
+    if autoclear & 0b10:
+        problems.append("a raw external data file")
+    off = header_length if 104 <= header_length <= 1024 else len(head)
+    if off == len(head):
+        problems.append(f"header length {header_length}")
+    while off + 8 <= len(head):
+        ext, length = struct.unpack_from(">II", head, off)
+        if ext == 0:
+            break
+        if ext in (_EXT_DATA_FILE, _EXT_ENCRYPTION):
+            problems.append("an external data file" if ext == _EXT_DATA_FILE else "an encryption header")
+        off += 8 + (length + 7) // 8 * 8
+    if problems:
+        raise SnapshotInvalidError(f"{what}: {path.name} is a qcow2 layer forkd does not write ({', '.join(problems)})"
+                                   " (a pack or snapshot directory may have been tampered with)")

@@ -147,6 +147,7 @@ class Snapshot:
                 raise SnapshotInvalidError(f"snapshot {self.tag}: the disk layer of snapshot {tag} is missing "
                                            f"({layer})")
             verify_sha256(layer, str(digest), f"snapshot {self.tag}: the disk layer of snapshot {tag}")
+            disks.check_qcow2(layer, f"snapshot {self.tag}: the disk layer of snapshot {tag}")
 
     def summary(self) -> dict[str, Any]:
         """A JSON-friendly description (what ``forkd snapshot info`` prints)."""
