@@ -107,6 +107,10 @@ def test_validation_errors_name_the_field(daemon: Daemon, snapshot: str) -> None
         assert c.get("/v1/snapshots/nope/info").status_code == 404
         r = c.post("/v1/sandboxes", json={"snapshot_tag": "nope"})
         assert r.status_code == 404 and "nope" in r.json()["error"]
+        r = c.post("/v1/snapshots", json={"tag": "from-image", "image": "Bad Name"})
+        assert r.status_code == 422 and "image" in r.json()["error"]
+        r = c.post("/v1/snapshots", json={"tag": "from-image", "image": "no-such-image"})
+        assert r.status_code == 404 and "no image named no-such-image" in r.json()["error"]
 
 
 def test_sandbox_lifecycle(daemon: Daemon, snapshot: str) -> None:

@@ -24,6 +24,7 @@ from forkd.errors import (
     DependentsError,
     FileTooLargeError,
     ForkdError,
+    ImageNotFoundError,
     SnapshotExistsError,
     SnapshotInvalidError,
     SnapshotNotFoundError,
@@ -45,7 +46,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 def status_for(exc: Exception) -> int:
     if isinstance(exc, Busy):
         return 503
-    if isinstance(exc, (NotFound, SnapshotNotFoundError)):
+    if isinstance(exc, (NotFound, SnapshotNotFoundError, ImageNotFoundError)):
         return 404
     if isinstance(exc, (Conflict, SnapshotExistsError, SnapshotInvalidError, DependentsError, BusyError)):
         return 409
