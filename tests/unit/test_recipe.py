@@ -177,3 +177,47 @@ def test_qcow2_layers_that_would_open_other_files_are_refused(tmp_path: Path) ->
             disk.check_qcow2(bad, "layer")
     with pytest.raises(SnapshotInvalidError, match="not a qcow2"):
         disk.check_qcow2(tmp_path / "host-file", "layer")
+
+
+def _layer(members: list[tuple[str, str, bytes | str]], gz: bool) -> bytes:
+    import gzip
+
+    raw = _tar(members).getvalue()
+    return gzip.compress(raw) if gz else raw
+
+
+def test_docker_save_and_oci_layout_layers_apply_in_order(tmp_path: Path) -> None:
+    import hashlib
+
+    l1 = _layer([("dir", "usr/bin", b""), ("file", "usr/bin/tool", b"v1"), ("file", "etc/old", b"x")], gz=False)
+    l2 = _layer([("file", "usr/bin/tool", b"v2"), ("file", "etc/.wh.old", b"")], gz=True)
+    # docker save: manifest.json names the layer tars
+    save = tmp_path / "save.tar"
+    with tarfile.open(save, "w") as tar:
+        for name, data in (("manifest.json", json.dumps([{"Layers": ["a/layer.tar", "b/layer.tar"]}]).encode()),
+                           ("a/layer.tar", l1), ("b/layer.tar", l2)):
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tar.addfile(ti, io.BytesIO(data))
+    root = tmp_path / "r1"
+    root.mkdir()
+    assert rootfs.unpack_oci(save, root) == 2
+    assert (root / "usr/bin/tool").read_bytes() == b"v2" and not (root / "etc/old").exists()
+    # OCI layout directory: index.json -> manifest blob -> layer blobs
+    layout = tmp_path / "layout"
+    blobs = layout / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+
+    def blob(data: bytes) -> str:
+        digest = hashlib.sha256(data).hexdigest()
+        (blobs / digest).write_bytes(data)
+        return f"sha256:{digest}"
+    manifest = json.dumps({"layers": [{"digest": blob(l1)}, {"digest": blob(l2)}]}).encode()
+    (layout / "index.json").write_text(json.dumps({"manifests": [{"digest": blob(manifest)}]}))
+    root2 = tmp_path / "r2"
+    root2.mkdir()
+    assert rootfs.unpack_oci(layout, root2) == 2
+    assert (root2 / "usr/bin/tool").read_bytes() == b"v2" and not (root2 / "etc/old").exists()
+    (layout / "index.json").write_text(json.dumps({"manifests": [{"digest": "sha256:../../../etc/passwd"}]}))
+    with pytest.raises(ImageBuildError, match="not a content digest"):
+        rootfs.unpack_oci(layout, tmp_path / "r3")
