@@ -4,20 +4,26 @@ side with the built-in default image, in one run so the ratios are meaningful on
 
   * ``build``: the recipe image built cold (``force=True``; which caches were warm is recorded: the
     .debs in ``deb_cache_dir()`` and pip's http cache), per build step, then built again without
-    ``force`` (found by its inputs: should return at once); the default image's cached lookup too;
+    ``force`` (found by its inputs, not rebuilt; still resolves the apt packages); the default
+    image's cached lookup too;
   * ``snapshots``: ``create_snapshot`` of each image, 512 MiB: the pandas image warmed with
     ``import pandas``, the default one with ``import numpy``;
   * ``fanout``: for each snapshot and mode (``pool``, ``cold``, as in bench/fanout.py, whose
     ``run_mode`` does the measuring): wall time from the first spawn until all N children answered
     ``numpy.zeros(5).tolist()``, per-child latency (restore start -> eval answered) and PSS per child
-    with all N alive. Default and pandas run interleaved, the order flipped every pair
-    (default, pandas, pandas, default, ...), ``--rounds`` times; ``summary`` has the medians over rounds
-    and pandas / default;
+    with all N alive. Default and pandas run interleaved, the order flipped every pair and every
+    round (pool: default, pandas; cold: pandas, default; the next round the other way round),
+    ``--rounds`` times; ``summary`` has the medians over rounds and pandas / default;
   * ``idle``: one child of each snapshot left alone (bench/idle.py's ``measure``): the guest's
     clocksource (should stay tsc), its timer interrupts a second and the host CPU it costs.
 Prints JSON (progress goes to stderr). The snapshots are deleted at the end; the image is kept.
 
-Usage: python3 bench/images.py [--n 100] [--rounds 1] [--modes pool,cold] [--out bench/results/...json]
+The recipe is ``pip=["pandas"]``; ``--apt libstdc++6`` adds what numpy's wheels need and a pip-only
+image built on forkd's base (python3, dash, bash, coreutils) does not have (``import pandas`` fails
+without it: libstdc++.so.6 not found).
+
+Usage: python3 bench/images.py [--n 100] [--rounds 1] [--modes pool,cold] [--apt libstdc++6]
+       [--out bench/results/...json]
 """
 
 from __future__ import annotations
@@ -138,7 +144,7 @@ def idle_check(eng: Engine, tag: str) -> dict[str, Any]:
         return {"error": results[0].error}
     try:
         versions = kids[0].eval(VERSIONS_EXPR, timeout=120)["value"]
-        return {**idle_measure(kids, secs=5.0, settle=3.0), "versions": versions}
+        return {**idle_measure(kids, secs=10.0, settle=3.0), "versions": versions}
     finally:
         for k in kids:
             k.kill()
@@ -185,6 +191,8 @@ def main() -> None:
     ap.add_argument("--modes", default="pool,cold", help="fan-out modes of bench/fanout.py (pool, cold)")
     ap.add_argument("--concurrency", type=int, default=None)
     ap.add_argument("--memory-mib", type=int, default=512)
+    ap.add_argument("--apt", default="", help="apt packages added to the recipe, comma-separated (libstdc++6: "
+                    "numpy's wheels link it and a pip-only image lacks it)")
     ap.add_argument("--out", default=None, help="also write the JSON to this file")
     args = ap.parse_args()
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -193,7 +201,8 @@ def main() -> None:
     t = time.monotonic()
     default_image = build_image()
     default_lookup_s = time.monotonic() - t
-    built = build(Recipe(name=IMAGE_NAME, pip=["pandas"]))
+    apt = [a.strip() for a in args.apt.split(",") if a.strip()]
+    built = build(Recipe(name=IMAGE_NAME, apt=apt, pip=["pandas"]))
     built["default_image"] = {"id": default_image.image_id, "cached_call_s": round(default_lookup_s, 3),
                               "size_bytes": default_image.size_bytes}
     tags = {"default": f"bench-img-{os.getpid()}-default", "pandas": f"bench-img-{os.getpid()}-pandas"}
@@ -206,16 +215,15 @@ def main() -> None:
         for which in ("default", "pandas"):
             say(f"warming the page cache: {min(10, args.n)} forks of {which}")
             warm_up(eng, tags[which], min(10, args.n))
-        k = 0
         for rnd in range(args.rounds):
-            for mode in modes:
-                for which in (("default", "pandas") if k % 2 == 0 else ("pandas", "default")):
+            for mi, mode in enumerate(modes):
+                # the order flips every pair, and every round: no mode always measures the same image first
+                for which in (("default", "pandas") if (rnd + mi) % 2 == 0 else ("pandas", "default")):
                     say(f"round {rnd + 1}/{args.rounds}: {mode} x{args.n} of {which}")
                     r = run_mode(eng, tags[which], args.n, mode, args.concurrency)
                     runs.append({"image": which, "round": rnd, "order": len(runs), **r})
                     say(f"  all answered after {r['wall_s_all_answered']} s, ok {r['ok']}/{args.n}, "
                         f"latency {r['latency_ms']}, PSS {r['pss_mib_per_child']}")
-                k += 1
         for which in ("default", "pandas"):
             say(f"idle check ({which})")
             idle[which] = idle_check(eng, tags[which])

@@ -42,8 +42,9 @@ RECIPE_VERSION = "1"
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 MIN_DISK_MIB, MAX_DISK_MIB, DEFAULT_DISK_MIB = 256, 65536, 2048
-#: what an image without --rootfs/--oci starts from (Debian's Python and a shell, from Debian's mirror)
-BASE_APT = ("python3", "dash", "bash", "coreutils")
+#: what an image without --rootfs/--oci starts from (Debian's Python, a shell, and libstdc++, which manylinux
+#: wheels such as pandas expect from the system), from Debian's mirror
+BASE_APT = ("python3", "dash", "bash", "coreutils", "libstdc++6")
 ROOTFS_NAME = "rootfs.ext4"
 NAMES_DIR = "names"
 STEPS = ("resolve packages", "unpack rootfs", "download packages", "unpack packages", "pip wheels",
