@@ -18,9 +18,8 @@ side with the built-in default image, in one run so the ratios are meaningful on
     clocksource (should stay tsc), its timer interrupts a second and the host CPU it costs.
 Prints JSON (progress goes to stderr). The snapshots are deleted at the end; the image is kept.
 
-The recipe is ``pip=["pandas"]``; ``--apt libstdc++6`` adds what numpy's wheels need and a pip-only
-image built on forkd's base (python3, dash, bash, coreutils) does not have (``import pandas`` fails
-without it: libstdc++.so.6 not found).
+The recipe is ``pip=["pandas"]`` (``--apt`` adds packages). forkd's base image now includes libstdc++6,
+which numpy's and pandas' wheels need; the recorded run passed ``--apt libstdc++6`` before it did.
 
 Usage: python3 bench/images.py [--n 100] [--rounds 1] [--modes pool,cold] [--apt libstdc++6]
        [--out bench/results/...json]
