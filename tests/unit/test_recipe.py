@@ -221,3 +221,29 @@ def test_docker_save_and_oci_layout_layers_apply_in_order(tmp_path: Path) -> Non
     (layout / "index.json").write_text(json.dumps({"manifests": [{"digest": "sha256:../../../etc/passwd"}]}))
     with pytest.raises(ImageBuildError, match="not a content digest"):
         rootfs.unpack_oci(layout, tmp_path / "r3")
+
+
+def test_directory_member_never_chmods_through_a_symlink(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir(mode=0o700)
+    root = tmp_path / "root"
+    root.mkdir()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        link = tarfile.TarInfo("evil")
+        link.type, link.linkname = tarfile.SYMTYPE, str(outside)
+        tar.addfile(link)
+        d = tarfile.TarInfo("evil")
+        d.type, d.mode = tarfile.DIRTYPE, 0o777
+        tar.addfile(d)
+    buf.seek(0)
+    rootfs.extract_tar(buf, root)
+    assert (outside.stat().st_mode & 0o777) == 0o700 and (root / "evil").is_dir() and not (root / "evil").is_symlink()
+
+
+def test_whiteout_of_dotdot_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "opt").mkdir(parents=True)
+    with pytest.raises(ImageBuildError, match="whiteout"):
+        rootfs.extract_tar(_tar([("file", "opt/.wh...", b"")]), root, whiteouts=True)
+    assert root.is_dir()

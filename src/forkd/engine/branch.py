@@ -176,6 +176,11 @@ def branch(store: SnapshotStore, child: Child, source: Snapshot, tag: str, mode:
     base = source if source.meta.kind != "delta" else store.open(source.memory_owner)
     if not child.alive():
         raise VMError(f"sandbox {child.id} is not running ({child.vm.exit_status()})")
+    if source.meta.disk and child.vm.meta.get("disk_node"):
+        # its top layer now holds only the writes since its first branch: a second branch would need that
+        # branch in its chain (not recorded yet); fork from the first branch and branch the new child
+        raise ValidationError(f"sandbox {child.id} has a disk and was branched already; fork a sandbox from that "
+                              "branch and branch it instead")
     t_start = time.monotonic()
     staging = store.stage(tag)
     ok = False

@@ -105,6 +105,8 @@ def _extract_member(tar: tarfile.TarFile, m: tarfile.TarInfo, root: Path, merged
         return
     _no_symlink_between(root, target)
     base = target.name
+    if whiteouts and base.startswith(".wh.") and base != ".wh..wh..opq" and base[4:] in ("", ".", ".."):
+        raise ImageBuildError(f"archive member {m.name!r}: a whiteout of {base[4:]!r}")
     if whiteouts and base.startswith(".wh."):
         if base == ".wh..wh..opq":
             for p in list(target.parent.iterdir()) if target.parent.is_dir() else []:
@@ -117,6 +119,8 @@ def _extract_member(tar: tarfile.TarFile, m: tarfile.TarInfo, root: Path, merged
     if m.isdir():
         if target.is_symlink() and merged_usr:
             return  # a merged-/usr link such as /bin -> usr/bin stays
+        if target.is_symlink():  # never mkdir or chmod through a link an earlier member made
+            target.unlink()
         if target.exists() and not target.is_dir():
             _remove(target)
         target.mkdir(parents=True, exist_ok=True)
