@@ -828,18 +828,18 @@ def add_forkd_files(w: CpioWriter) -> None:
 
 
 class _Steps:
-    """Calls ``progress(step, done, total)`` as the build advances through BUILD_STEPS."""
+    """Calls ``progress(step, done, total)`` as a build advances through its steps (BUILD_STEPS by default)."""
 
-    def __init__(self, progress: Progress | None) -> None:
-        self._progress = progress
+    def __init__(self, progress: Progress | None, steps: tuple[str, ...] = BUILD_STEPS) -> None:
+        self._progress, self._steps = progress, steps
 
     def __call__(self, step: str) -> None:
         if self._progress is not None:
-            self._progress(step, BUILD_STEPS.index(step), len(BUILD_STEPS))
+            self._progress(step, self._steps.index(step), len(self._steps))
 
     def finish(self) -> None:
         if self._progress is not None:
-            self._progress("done", len(BUILD_STEPS), len(BUILD_STEPS))
+            self._progress("done", len(self._steps), len(self._steps))
 
 
 def _clean_stale(root: Path, *patterns: str) -> None:

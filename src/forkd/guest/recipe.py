@@ -31,6 +31,7 @@ from forkd.guest.image import (
     INITRAMFS_NAME,
     KERNEL_NAME,
     ImageInfo,
+    _Steps,
     build_image,
     deb_cache_dir,
     image_id_for,
@@ -309,25 +310,12 @@ def recipe_images(root: Path | None = None) -> list[ImageInfo]:
 # ---------------------------------------------------------------------------------------------
 
 
-class _Steps:
-    def __init__(self, progress: Progress | None) -> None:
-        self._progress = progress
-
-    def __call__(self, step: str) -> None:
-        if self._progress is not None:
-            self._progress(step, STEPS.index(step), len(STEPS))
-
-    def finish(self) -> None:
-        if self._progress is not None:
-            self._progress("done", len(STEPS), len(STEPS))
-
-
 def build_recipe(recipe: Recipe, *, force: bool = False, progress: Progress | None = None,
                  root: Path | None = None) -> ImageInfo:
     """Build (or find, when its inputs are unchanged) the image of ``recipe`` and name it."""
     recipe.check()
     root = root or paths.image_root()
-    steps = _Steps(progress)
+    steps = _Steps(progress, STEPS)
     boot = build_image(root)
     steps("resolve packages")
     inputs, resolved = recipe_inputs(recipe, boot)
