@@ -702,3 +702,82 @@ def test_cli_unpack_chain(chain_packed: tuple[SnapshotStore, Path], tmp_path: Pa
     assert r.exit_code == 0 and all(f"{t}: reused" in _flat(r.output) for t in CHAIN), r.output
     r = CliRunner().invoke(cli, ["unpack", str(archive), "--tag", "x"])
     assert r.exit_code == 1 and "--tag renames a single snapshot" in _flat(r.output), r.output
+
+
+IMAGE_ID = "0123456789abcdef"
+
+
+def _image_snapshot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[SnapshotStore, Path]:
+    """A fake image-based snapshot (an image with a 64 MiB file system, a qcow2 layer) packed."""
+    from forkd.engine import disk as disks
+    from forkd.fsutil import sha256_file
+    from forkd.guest.image import ImageInfo
+
+    monkeypatch.setenv("FORKD_IMAGE_ROOT", str(tmp_path / "images-src"))
+    monkeypatch.setenv("FORKD_CACHE_DIR", str(tmp_path / "cache"))
+    d = tmp_path / "images-src" / IMAGE_ID
+    d.mkdir(parents=True)
+    (d / "vmlinuz").write_bytes(b"kernel")
+    (d / "initramfs.cpio").write_bytes(b"initramfs")
+    with open(d / disks.ROOTFS_NAME, "wb") as f:
+        f.truncate(64 << 20)
+        f.write(b"ext4-ish")
+    info = ImageInfo(image_id=IMAGE_ID, path=d, kernel=d / "vmlinuz", initramfs=d / "initramfs.cpio",
+                     kernel_version="6.1", cmdline="console=ttyS0", inputs={"x": "y"}, built_at=time.time(),
+                     size_bytes=1, name="img", rootfs=d / disks.ROOTFS_NAME,
+                     rootfs_sha256=sha256_file(d / disks.ROOTFS_NAME), disk_mib=64, python="/usr/bin/python3")
+    (d / "image.json").write_text(json.dumps(info.to_json()))
+    store = SnapshotStore(tmp_path / "src")
+    staging = _staged(store, TAG)
+    disks.new_layer(staging / disks.LAYER_NAME, 64 << 20)
+    meta = _meta(TAG)
+    meta.disk = {"image": IMAGE_ID, "size_bytes": 64 << 20, "base_sha256": info.rootfs_sha256, "layers": [TAG],
+                 "layer_sha256": [sha256_file(staging / disks.LAYER_NAME)]}
+    store.publish(staging, meta)
+    out = tmp_path / "img.tar.zst"
+    pack(store, TAG, out)
+    monkeypatch.setenv("FORKD_IMAGE_ROOT", str(tmp_path / "images-dst"))
+    return store, out
+
+
+def test_image_pack_publishes_an_imported_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from forkd.guest.image import load_image
+
+    _, archive = _image_snapshot(tmp_path, monkeypatch)
+    unpack(SnapshotStore(tmp_path / "dst"), archive)
+    info = load_image(tmp_path / "images-dst" / IMAGE_ID)
+    assert info is not None and info.origin == "pack"  # never a build cache or the boot image
+    snap = SnapshotStore(tmp_path / "dst").open(TAG)
+    snap.check_disk()
+    assert snap.disk_chain().size_bytes == 64 << 20  # type: ignore[union-attr]
+
+
+def test_image_pack_must_carry_the_snapshots_own_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, archive = _image_snapshot(tmp_path, monkeypatch)
+    members = _members(archive)
+    other = "fedcba9876543210"
+    # the manifest names another image (say the predictable id of the default boot image)
+    bad = _craft(tmp_path / "b1.tar.zst", _with_manifest(members, lambda m: m.update(image=other)))
+    with pytest.raises(PackError):
+        unpack(SnapshotStore(tmp_path / "dst1"), bad)
+    assert not (tmp_path / "images-dst" / other).exists()
+
+    def retarget(meta: dict) -> None:
+        meta["disk"]["image"] = other
+    bad = _craft(tmp_path / "b2.tar.zst", _edit_link_meta(members, TAG, retarget))
+    with pytest.raises(PackError, match="carries image"):
+        unpack(SnapshotStore(tmp_path / "dst2"), bad)
+    assert not (tmp_path / "images-dst").exists() or not list((tmp_path / "images-dst").iterdir())
+
+
+def test_disk_size_comes_from_the_file_system(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, archive = _image_snapshot(tmp_path, monkeypatch)
+
+    def grow(meta: dict) -> None:
+        meta["disk"]["size_bytes"] = 1 << 44  # a 16 TiB RLIMIT_FSIZE for every child, if it were believed
+    bad = _craft(tmp_path / "b.tar.zst", _edit_link_meta(_members(archive), TAG, grow))
+    unpack(SnapshotStore(tmp_path / "dst"), bad)
+    snap = SnapshotStore(tmp_path / "dst").open(TAG)
+    assert snap.disk_chain().size_bytes == 64 << 20  # type: ignore[union-attr]
+    with pytest.raises(SnapshotInvalidError, match="records a disk of"):
+        snap.check_disk()

@@ -247,3 +247,155 @@ def test_whiteout_of_dotdot_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ImageBuildError, match="whiteout"):
         rootfs.extract_tar(_tar([("file", "opt/.wh...", b"")]), root, whiteouts=True)
     assert root.is_dir()
+
+
+def _hostile_tree(tmp_path: Path) -> tuple[Path, Path]:
+    """A tree whose /etc, /var/lib/dpkg and /opt/app are links out of it (as a hostile rootfs leaves them)."""
+    outside = tmp_path / "outside"
+    (outside / "dpkg").mkdir(parents=True)
+    (outside / "dpkg" / "status").write_text("host status\n")
+    (outside / "passwd").write_text("host passwd\n")
+    root = tmp_path / "root"
+    (root / "var" / "lib").mkdir(parents=True)
+    os.symlink(outside, root / "etc")
+    os.symlink(outside / "dpkg", root / "var" / "lib" / "dpkg")
+    (root / "opt").mkdir()
+    os.symlink(outside, root / "opt" / "app")
+    return root, outside
+
+
+def _snapshot_of(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_writes_after_unpacking_never_follow_the_images_links(tmp_path: Path) -> None:
+    from forkd.guest import recipe as recipes
+
+    root, outside = _hostile_tree(tmp_path)
+    before = _snapshot_of(outside)
+    with pytest.raises(ImageBuildError, match="symlink /etc"):
+        recipes._forkd_files(root, Recipe(name="x", env={"A": "1"}))
+    with pytest.raises(ImageBuildError, match="symlink /var/lib/dpkg"):
+        rootfs.write_guarded(root, rootfs.DPKG_STATUS, b"Package: evil\n\n", append=True)
+    assert rootfs.read_status(root) == b""  # never read through the link either
+    # --copy onto a link: the link is replaced by a real directory inside the tree
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "f").write_text("mine")
+    rootfs.copy_in(src, "/opt/app", root)
+    assert not (root / "opt" / "app").is_symlink() and (root / "opt/app/sub/f").read_text() == "mine"
+    # a link below a copied directory is replaced too, not written through
+    os.symlink(outside, root / "opt" / "app" / "sub2")
+    (src / "sub2").mkdir()
+    (src / "sub2" / "passwd").write_text("mine")
+    rootfs.copy_in(src, "/opt/app", root)
+    assert (root / "opt/app/sub2/passwd").read_text() == "mine"
+    with pytest.raises(ImageBuildError, match="symlink /etc"):
+        rootfs.copy_in(src / "sub" / "f", "/etc/passwd", root)
+    assert _snapshot_of(outside) == before
+
+
+def test_skeleton_files_are_not_written_through_links(tmp_path: Path) -> None:
+    from forkd.guest import recipe as recipes
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    root = tmp_path / "root"
+    root.mkdir()
+    os.symlink(outside, root / "var")
+    with pytest.raises(ImageBuildError, match="symlink /var"):
+        recipes._skeleton(root)
+    assert list(outside.iterdir()) == []
+
+
+def test_pip_target_is_placed_through_the_guard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root, outside = _hostile_tree(tmp_path)
+    (root / "opt" / "app").unlink()
+    os.symlink(outside, root / "opt" / "forkd")
+
+    def fake_pip(target: Path, *args: object) -> None:
+        (target / "pkg").mkdir()
+        (target / "pkg" / "__init__.py").write_text("x = 1\n")
+    monkeypatch.setattr(rootfs, "_pip", fake_pip)
+    py = rootfs.GuestPython("/usr/bin/python3.11", (3, 11), (2, 36))
+    with pytest.raises(ImageBuildError, match="symlink /opt/forkd"):
+        rootfs.pip_install(root, py, ["pkg"], [])
+    assert not (outside / "python").exists()
+    (root / "opt" / "forkd").unlink()
+    rootfs.pip_install(root, py, ["pkg"], [])
+    assert (root / rootfs.PIP_TARGET / "pkg" / "__init__.py").read_text() == "x = 1\n"
+    assert oct((root / rootfs.PIP_TARGET).stat().st_mode & 0o777) == "0o755"
+    assert not list(tmp_path.glob(".pip-*"))
+
+
+def test_wheel_platforms_follow_the_guests_c_library(tmp_path: Path) -> None:
+    py = rootfs.GuestPython("/usr/bin/python3.12", (3, 12), (2, 36))
+    tags, libc = rootfs.wheel_platforms(tmp_path, py)
+    assert tags[0] == "manylinux_2_36_x86_64" and libc == "glibc 2.36"
+    musl = rootfs.GuestPython("/usr/bin/python3.12", (3, 12), None)
+    with pytest.raises(ImageBuildError, match="neither glibc"):
+        rootfs.wheel_platforms(tmp_path, musl)
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "ld-musl-x86_64.so.1").write_bytes(b"")
+    tags, libc = rootfs.wheel_platforms(tmp_path, musl)
+    assert libc == "musl" and all(t.startswith("musllinux") for t in tags)
+
+
+def test_oci_status_is_the_last_layers_unless_whited_out(tmp_path: Path) -> None:
+    def save(*layers: bytes) -> Path:
+        out = tmp_path / f"save{len(layers)}.tar"
+        names = [f"l{i}/layer.tar" for i in range(len(layers))]
+        with tarfile.open(out, "w") as tar:
+            for name, data in (("manifest.json", json.dumps([{"Layers": names}]).encode()), *zip(names, layers, strict=True)):
+                ti = tarfile.TarInfo(name)
+                ti.size = len(data)
+                tar.addfile(ti, io.BytesIO(data))
+        return out
+    a = _layer([("file", "var/lib/dpkg/status", b"Package: a\n")], gz=True)
+    b = _layer([("file", "var/lib/dpkg/.wh.status", b"")], gz=False)
+    c = _layer([("file", "./var/lib/dpkg/status", b"Package: c\n")], gz=False)
+    opq = _layer([("file", "var/lib/.wh..wh..opq", b"")], gz=False)
+    assert rootfs.oci_status(save(a)) == b"Package: a\n"
+    assert rootfs.oci_status(save(a, b)) == b""
+    assert rootfs.oci_status(save(a, b, c)) == b"Package: c\n"
+    assert rootfs.oci_status(save(a, b, c, opq)) == b""
+
+
+def test_oci_layout_blob_links_are_refused(tmp_path: Path) -> None:
+    layout = tmp_path / "layout"
+    layout.mkdir()
+    (tmp_path / "host-index.json").write_text(json.dumps({"manifests": []}))
+    os.symlink(tmp_path / "host-index.json", layout / "index.json")
+    with pytest.raises(ImageBuildError, match="not a link"):
+        rootfs.unpack_oci(layout, tmp_path / "r")
+
+
+def test_qcow2_extension_beyond_the_first_4k_is_seen(tmp_path: Path) -> None:
+    import struct
+
+    layer = tmp_path / "l.qcow2"
+    disk.new_layer(layer, 256 << 20)
+    data = bytearray(layer.read_bytes())
+    header_length, = struct.unpack_from(">I", data, 100)
+    # move the extension area: padding extensions up to past 4 KiB, then an external data file one
+    off = header_length
+    pad = 4096 - off + 64
+    struct.pack_into(">II", data, off, 0x12345678, pad)
+    off += 8 + (pad + 7) // 8 * 8
+    name = b"/etc/shadow"
+    struct.pack_into(">II", data, off, disk._EXT_DATA_FILE, len(name))
+    data[off + 8:off + 8 + len(name)] = name
+    off += 8 + (len(name) + 7) // 8 * 8
+    struct.pack_into(">II", data, off, 0, 0)
+    layer.write_bytes(bytes(data))
+    with pytest.raises(SnapshotInvalidError, match="external data file"):
+        disk.check_qcow2(layer, "layer")
+
+
+def test_copy_entries_split_at_the_last_colon(tmp_path: Path) -> None:
+    src = tmp_path / "a:b"
+    src.write_text("x")
+    f = tmp_path / "r.toml"
+    f.write_text('name = "x"\ncopy = ["a:b:/opt/ab"]\n')
+    r = Recipe.from_toml(f)
+    assert r.copy == [(tmp_path / "a:b", "/opt/ab")]

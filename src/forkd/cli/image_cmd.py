@@ -95,6 +95,7 @@ def build(name: str | None, recipe_file: Path | None, apt: tuple[str, ...], pip:
         console.print(f"image {info.image_id}: kernel {info.kernel_version}, "
                       f"{info.size_bytes / 2**20:.1f} MiB, at {info.path} ({time.monotonic() - t0:.1f} s)")
         return
+    from forkd.engine.snapshot import SnapshotStore
     from forkd.guest.recipe import DEFAULT_DISK_MIB, Recipe, build_recipe
 
     fields: dict[str, Any] = {"apt": list(apt), "pip": list(pip), "requirements": list(requirements),
@@ -105,10 +106,12 @@ def build(name: str | None, recipe_file: Path | None, apt: tuple[str, ...], pip:
     else:
         fields["disk_mib"] = disk_mib or DEFAULT_DISK_MIB
         recipe = Recipe(name=name or "", **fields)
+    users = SnapshotStore().using_image
     if as_json:
-        print_json(build_recipe(recipe, force=force).to_json())
+        print_json(build_recipe(recipe, force=force, in_use=users).to_json())
         return
-    info = _progress(f"image {recipe.name}", lambda cb: build_recipe(recipe, force=force, progress=cb))
+    info = _progress(f"image {recipe.name}",
+                     lambda cb: build_recipe(recipe, force=force, progress=cb, in_use=users))
     console.print(f"image {recipe.name} = {info.image_id}: Python {info.python}, {info.disk_mib} MiB disk, "
                   f"{info.size_bytes / 2**20:.1f} MiB on the host, at {info.path} ({time.monotonic() - t0:.1f} s)")
 
@@ -183,7 +186,7 @@ def rm(name: str, force: bool, as_json: bool) -> None:
     from forkd.guest.recipe import find_named, remove_named
 
     image_id = find_named(name).image_id
-    users = [t for t, s, _ in SnapshotStore().list() if s is not None and s.meta.image.get("id") == image_id]
+    users = SnapshotStore().using_image(image_id)
     removed = remove_named(name, users, force=force)
     if as_json:
         print_json({"name": name, "image_id": removed})

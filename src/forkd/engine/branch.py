@@ -121,7 +121,9 @@ def switch_disk_layer(vm: VMProcess, base: Snapshot) -> Path:
     which it never writes again: a copy of it becomes the branch's layer."""
     old_top = Path(str(vm.meta["disk_top"]))
     old_node = str(vm.meta.get("disk_node") or disks.ROOT_NODE)
-    size = int(base.meta.disk["size_bytes"])
+    chain = base.disk_chain()
+    assert chain is not None
+    size = chain.size_bytes
     new_top = disks.new_layer(old_top.with_name(f"disk-{secrets.token_hex(4)}.qcow2"), size)
     node = f"top-{secrets.token_hex(4)}"
     fd = os.open(new_top, os.O_RDWR | os.O_CLOEXEC)

@@ -144,11 +144,16 @@ def check_qcow2(path: Path, what: str) -> None:
     unencrypted, no internal snapshots, no external data file (header feature or extension)."""
     try:
         with open(path, "rb") as f:
-            head = f.read(4096)
+            head = f.read(104)
+            if len(head) < 104 or head[:4] != QCOW2_MAGIC:
+                raise SnapshotInvalidError(f"{what}: {path.name} is not a qcow2 file")
+            cluster_bits, = struct.unpack_from(">I", head, 20)
+            if not 9 <= cluster_bits <= 21:
+                raise SnapshotInvalidError(f"{what}: {path.name} has cluster_bits {cluster_bits} (QEMU takes 9..21)")
+            # the header extensions fill (at most) the first cluster: read all of it
+            head += f.read((1 << cluster_bits) - 104)
     except OSError as e:
         raise SnapshotInvalidError(f"{what}: cannot read {path}: {e}") from e
-    if len(head) < 104 or head[:4] != QCOW2_MAGIC:
-        raise SnapshotInvalidError(f"{what}: {path.name} is not a qcow2 file")
     version, = struct.unpack_from(">I", head, 4)
     crypt, = struct.unpack_from(">I", head, 32)
     nb_snapshots, = struct.unpack_from(">I", head, 60)
@@ -168,13 +173,17 @@ def check_qcow2(path: Path, what: str) -> None:
     off = header_length if 104 <= header_length <= 1024 else len(head)
     if off == len(head):
         problems.append(f"header length {header_length}")
+    ended = False
     while off + 8 <= len(head):
         ext, length = struct.unpack_from(">II", head, off)
         if ext == 0:
+            ended = True
             break
         if ext in (_EXT_DATA_FILE, _EXT_ENCRYPTION):
             problems.append("an external data file" if ext == _EXT_DATA_FILE else "an encryption header")
         off += 8 + (length + 7) // 8 * 8
+    if not ended and off != len(head):
+        problems.append("header extensions that do not end in the first cluster")
     if problems:
         raise SnapshotInvalidError(f"{what}: {path.name} is a qcow2 layer forkd does not write ({', '.join(problems)})"
                                    " (a pack or snapshot directory may have been tampered with)")

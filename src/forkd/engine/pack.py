@@ -555,7 +555,8 @@ def _extract(src: IO[bytes], dest: Path | None, entry: _Entry) -> None:
                         f"({h.hexdigest()[:16]}... != {entry.sha256[:16]}...)")
 
 
-def _check_meta(staging: Path, chain: list[str], tag: str, entries: dict[str, _Entry]) -> SnapshotMeta:
+def _check_meta(staging: Path, chain: list[str], tag: str, entries: dict[str, _Entry],
+                image_id: str | None) -> SnapshotMeta:
     """The link's snapshot.json, checked against the manifest and the chain: the first link has no
     parent, every other one's parent is the link before it, a delta maps the memory.bin of an earlier
     link, whose sha256 in the manifest is the one the delta records."""
@@ -600,6 +601,9 @@ def _check_meta(staging: Path, chain: list[str], tag: str, entries: dict[str, _E
         if own_memory is None:
             raise PackError(f"corrupt archive: {MANIFEST_NAME} lists no {MEMORY_NAME} for {tag}, a {meta.kind} "
                             "snapshot")
+    if meta.disk and meta.disk.get("image") != image_id:
+        raise PackError(f"corrupt archive: {tag}/{META_NAME} was made from image {meta.disk.get('image')!r}, "
+                        f"but the pack carries image {image_id!r}")
     if meta.disk:
         layers, hashes = meta.disk["layers"], meta.disk.get("layer_sha256") or []
         if layers != chain[:i + 1] or len(hashes) != len(layers):
@@ -855,7 +859,8 @@ def unpack_chain(store: SnapshotStore, archive: Path, *, tag: str | None = None,
                     _extract(src, None if keep else stagings[entry.dir] / entry.name, entry)
                     if entry.name != META_NAME:
                         continue
-                    meta = metas[entry.dir] = _check_meta(stagings[entry.dir], chain, entry.dir, entries)
+                    meta = metas[entry.dir] = _check_meta(stagings[entry.dir], chain, entry.dir, entries,
+                                                               image_id)
                     if plan[entry.dir] == "reuse":
                         why = _same_place_in_chain(local_metas[entry.dir], meta)
                         if why is not None and not force:
@@ -867,9 +872,13 @@ def unpack_chain(store: SnapshotStore, archive: Path, *, tag: str | None = None,
                 missing = sorted(set(entries) - seen)
                 if missing:
                     raise _truncated(f"{', '.join(missing)} listed in the manifest but missing from the archive")
+                if image_id is not None and not any(m.disk for m in metas.values()):
+                    raise PackError(f"corrupt archive: {MANIFEST_NAME} carries image {image_id}, which none of "
+                                    "its snapshots was made from")
+                image_record: dict[str, Any] = {}
                 if image_plan == "new":
                     try:
-                        packimage.check_staged(stagings[packimage.IMAGE_DIR], str(image_id), entries)
+                        image_record = packimage.check_staged(stagings[packimage.IMAGE_DIR], str(image_id), entries)
                     except packimage.PackImageError as e:
                         raise PackError(str(e)) from e
                 while limited.read(CHUNK):  # to the end of the stream: the zstd checksum is verified there
@@ -890,7 +899,7 @@ def unpack_chain(store: SnapshotStore, archive: Path, *, tag: str | None = None,
             if plan[t] != "reuse":
                 fsync_dir(stagings[t])
         if image_plan == "new":  # first: the snapshots need it; a complete image is harmless if they fail
-            packimage.publish(stagings.pop(packimage.IMAGE_DIR), str(image_id))
+            packimage.publish(stagings.pop(packimage.IMAGE_DIR), str(image_id), image_record)
         published: list[tuple[str, Path | None]] = []  # (tag here, the replaced copy)
         try:
             for t in chain:  # root first: a link is never there without the ones it depends on

@@ -15,7 +15,7 @@ from typing import Any
 
 from forkd.engine import disk as disks
 from forkd.errors import ForkdError
-from forkd.fsutil import fsync_dir, sha256_file
+from forkd.fsutil import atomic_write_json, fsync_dir, fsync_file, sha256_file
 from forkd.paths import image_root
 
 IMAGE_DIR = ".image"
@@ -78,11 +78,16 @@ def check_staged(staging: Path, image_id: str, entries: dict[str, Any]) -> dict[
     return d
 
 
-def publish(staging: Path, image_id: str) -> bool:
-    """Rename the staged image into the image root (unless one appeared meanwhile). True if it did."""
+def publish(staging: Path, image_id: str, record: dict[str, Any]) -> bool:
+    """Rename the staged image into the image root (unless one appeared meanwhile). True if it did.
+    Its ``image.json`` is rewritten with ``origin: pack``: an imported image is never taken for a build
+    of the same id (as a recipe's cache, or as the boot image)."""
     final = image_root() / image_id
+    atomic_write_json(staging / IMAGE_JSON, {**record, "origin": "pack"}, mode=0o644)
     for p in staging.iterdir():
         os.chmod(p, 0o600 if p.name == disks.ROOTFS_NAME else 0o644)
+        fsync_file(p)
+    fsync_dir(staging)
     try:
         os.rename(staging, final)
     except OSError:

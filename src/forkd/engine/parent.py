@@ -149,7 +149,7 @@ def create_snapshot(store: SnapshotStore, tag: str, spec: MachineSpec, accel_rea
         disk = None
         disk_record: dict[str, object] = {}
         if rootfs is not None:
-            size = int(image.disk_mib) << 20  # type: ignore[attr-defined]
+            size = Path(rootfs).stat().st_size  # the file system's own size, not what image.json says
             disk = (DiskChain(rootfs, (), size), disks.new_layer(staging / disks.LAYER_NAME, size))
             disk_record = {"image": image.image_id, "size_bytes": size,  # type: ignore[attr-defined]
                            "base_sha256": image.rootfs_sha256, "layers": [tag], "layer_sha256": []}  # type: ignore[attr-defined]

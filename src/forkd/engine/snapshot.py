@@ -122,8 +122,14 @@ class Snapshot:
         if not d:
             return None
         root = self.path.parent
-        return disks.DiskChain(image_root() / str(d["image"]) / disks.ROOTFS_NAME,
-                               tuple(root / t / disks.LAYER_NAME for t in d["layers"]), int(d["size_bytes"]))
+        base = image_root() / str(d["image"]) / disks.ROOTFS_NAME
+        # the size comes from the (hash-checked) file system, never from snapshot.json alone: it sizes every
+        # new layer and the QEMU's RLIMIT_FSIZE
+        try:
+            size = base.stat().st_size
+        except OSError:
+            size = int(d["size_bytes"])  # check_disk refuses the missing base
+        return disks.DiskChain(base, tuple(root / t / disks.LAYER_NAME for t in d["layers"]), size)
 
     def check_disk(self) -> None:
         """The image's file system and every layer present and unchanged (sha256, remembered per file)."""
@@ -138,6 +144,9 @@ class Snapshot:
                 f"rebuild it (forkd image build) or re-create the snapshot")
         verify_sha256(chain.base, str(d.get("base_sha256")),
                       f"snapshot {self.tag}: the file system of image {name} ({d['image']}) has changed since; it")
+        if chain.size_bytes != d["size_bytes"]:
+            raise SnapshotInvalidError(f"snapshot {self.tag}: {META_NAME} records a disk of {d['size_bytes']} bytes, "
+                                       f"but the file system of image {name} has {chain.size_bytes}")
         hashes = d.get("layer_sha256") or []
         if len(hashes) != len(chain.layers):
             raise SnapshotInvalidError(f"snapshot {self.tag}: {META_NAME} records {len(hashes)} disk layer hashes "
@@ -309,6 +318,11 @@ class SnapshotStore:
             except (SnapshotInvalidError, ValidationError) as e:
                 out.append((d.name, None, str(e)))
         return out
+
+    def using_image(self, image_id: str) -> builtins.list[str]:
+        """Tags of the snapshots made from image ``image_id``."""
+        return [t for t, snap, _ in self.list() if snap is not None
+                and (snap.meta.image.get("id") == image_id or (snap.meta.disk or {}).get("image") == image_id)]
 
     def stage(self, tag: str) -> Path:
         """A fresh staging directory for snapshot ``tag`` (published later with ``publish``)."""

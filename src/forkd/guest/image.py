@@ -131,6 +131,8 @@ class ImageInfo:
     rootfs_sha256: str | None = None
     disk_mib: int = 0                # the root file system's size
     python: str | None = None        # the image's interpreter, as the guest sees it ("/usr/bin/python3.11")
+    # "build" (made here) or "pack" (published by forkd unpack: never a build cache, never the boot image)
+    origin: str = "build"
 
     def to_json(self) -> dict[str, Any]:
         """The ``image.json`` content (file names relative to the image directory)."""
@@ -138,6 +140,8 @@ class ImageInfo:
         if self.rootfs is not None:
             extra = {"name": self.name, "rootfs": self.rootfs.name, "rootfs_sha256": self.rootfs_sha256,
                      "disk_mib": self.disk_mib, "python": self.python}
+        if self.origin != "build":
+            extra["origin"] = self.origin
         return {**extra,
             "format": 1,
             "image_id": self.image_id,
@@ -169,6 +173,7 @@ class ImageInfo:
             rootfs_sha256=str(d["rootfs_sha256"]) if d.get("rootfs_sha256") else None,
             disk_mib=int(d.get("disk_mib") or 0),
             python=str(d["python"]) if d.get("python") else None,
+            origin=str(d.get("origin") or "build"),
         )
 
 
@@ -418,8 +423,10 @@ def load_image(path: Path) -> ImageInfo | None:
 
 
 def _find(root: Path, inputs: dict[str, str]) -> ImageInfo | None:
+    """The boot image built here for ``inputs`` (never a recipe image, never one a pack published)."""
     info = load_image(root / image_id_for(inputs))
-    return info if info is not None and info.inputs == inputs else None
+    ok = info is not None and info.inputs == inputs and info.rootfs is None and info.origin == "build"
+    return info if ok else None
 
 
 def find_image(root: Path | None = None) -> ImageInfo | None:
@@ -892,7 +899,8 @@ def _publish(staging: Path, final: Path, info: ImageInfo, force: bool) -> ImageI
     trash = None
     if final.exists():
         existing = load_image(final)
-        if existing is not None and existing.inputs == info.inputs and not force:
+        if existing is not None and existing.inputs == info.inputs and existing.rootfs is None \
+                and existing.origin == "build" and not force:
             return existing                      # a concurrent build finished first
         trash = final.with_name(f".trash-{final.name}-{os.getpid()}")
         os.rename(final, trash)

@@ -135,7 +135,7 @@ class Recipe:
             return list(v)
         copy = []
         for item in strings("copy"):
-            src, sep, dst = item.partition(":")
+            src, sep, dst = item.rpartition(":")  # as the CLI: a guest path has no colon, a host path may
             if not sep:
                 raise ValidationError(f"recipe {path}: copy entries are SRC:DST; got {item!r}")
             copy.append((rel(src, "copy"), dst))
@@ -201,6 +201,8 @@ def _status_of_base(recipe: Recipe) -> bytes:
     """The dpkg status of the recipe's base (what apt may consider installed)."""
     import tarfile
 
+    if recipe.oci is not None:
+        return rootfs.oci_status(recipe.oci)
     if recipe.rootfs is None:
         return b""
     if recipe.rootfs.is_dir():
@@ -228,9 +230,7 @@ def apt_list(recipe: Recipe) -> list[str]:
 def recipe_inputs(recipe: Recipe, boot: ImageInfo) -> tuple[dict[str, str], list[tuple[str, str]]]:
     """What the image id is keyed by, and the resolved (package, version) list to install."""
     packages = apt_list(recipe)
-    resolved = rootfs.resolve_apt(packages, _status_of_base(recipe)) if packages and not recipe.oci else []
-    if packages and recipe.oci:
-        resolved = []  # resolved after the layers are unpacked (their dpkg status is inside)
+    resolved = rootfs.resolve_apt(packages, _status_of_base(recipe)) if packages else []
     inputs = {"recipe_version": RECIPE_VERSION, "boot_image": boot.image_id,
               "recipe": json.dumps({**recipe.to_json(), "name": None, "rootfs": None, "oci": None, "requirements": None,
                                     "copy": [d for _, d in recipe.copy]}, sort_keys=True),
@@ -311,8 +311,10 @@ def recipe_images(root: Path | None = None) -> list[ImageInfo]:
 
 
 def build_recipe(recipe: Recipe, *, force: bool = False, progress: Progress | None = None,
-                 root: Path | None = None) -> ImageInfo:
-    """Build (or find, when its inputs are unchanged) the image of ``recipe`` and name it."""
+                 root: Path | None = None, in_use: Callable[[str], list[str]] | None = None) -> ImageInfo:
+    """Build (or find, when its inputs are unchanged) the image of ``recipe`` and name it. ``in_use``
+    gives the snapshots made from an image id: an image they use is never replaced in place (a rebuild
+    need not give the same bytes, and they would no longer restore)."""
     recipe.check()
     root = root or paths.image_root()
     steps = _Steps(progress, STEPS)
@@ -322,10 +324,16 @@ def build_recipe(recipe: Recipe, *, force: bool = False, progress: Progress | No
     image_id = image_id_for(inputs)
     final = root / image_id
     existing = load_image(final)
-    if existing is not None and existing.inputs == inputs and not force:
+    if existing is not None and existing.inputs == inputs and existing.origin == "build" and not force:
         _name(root, recipe.name, image_id)
         steps.finish()
         return existing
+    users = in_use(image_id) if in_use is not None and final.exists() else []
+    if users:
+        how = "it came from a pack" if existing is not None and existing.origin != "build" else "it is being rebuilt"
+        raise ImageBuildError(f"image {image_id} would be replaced ({how}), but snapshot(s) {', '.join(users)} use "
+                              "it and would no longer restore: delete them first (forkd snapshot rm), or keep "
+                              "the image as it is")
     staging = root / f".staging-{image_id}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -360,9 +368,6 @@ def _build(recipe: Recipe, boot: ImageInfo, inputs: dict[str, str], resolved: li
         rootfs.unpack_rootfs(recipe.rootfs, tree)
     elif recipe.oci is not None:
         rootfs.unpack_oci(recipe.oci, tree)
-        if apt_list(recipe):
-            resolved = rootfs.resolve_apt(apt_list(recipe), rootfs.read_status(tree))
-            inputs["apt"] = " ".join(f"{p}={v}" for p, v in resolved)
     else:
         rootfs.merged_usr_skeleton(tree)
     steps("download packages")
@@ -410,8 +415,7 @@ def _skeleton(tree: Path) -> None:
                     ("root", 0o700), ("etc", 0o755), ("var/tmp", 0o1777), ("home", 0o755)):
         p = tree / d
         if not p.exists() and not p.is_symlink():
-            p.mkdir(parents=True)
-            os.chmod(p, mode)
+            rootfs.mkdir_guarded(tree, d, mode)
     defaults = {"etc/passwd": "root:x:0:0:root:/root:/bin/sh\n"
                               "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
                 "etc/group": "root:x:0:\nnogroup:x:65534:\n", "etc/hostname": "forkd\n",
@@ -419,17 +423,19 @@ def _skeleton(tree: Path) -> None:
     for rel, text in defaults.items():
         p = tree / rel
         if not p.exists() and not p.is_symlink():
-            p.write_text(text)
+            rootfs.write_guarded(tree, rel, text.encode())
 
 
 def _forkd_files(tree: Path, recipe: Recipe) -> None:
-    d = tree / "etc" / "forkd"
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "env").write_text("".join(f"{k}={v}\n" for k, v in sorted(recipe.env.items())))
+    rootfs.mkdir_guarded(tree, "etc/forkd")
+    rootfs.write_guarded(tree, "etc/forkd/env", "".join(f"{k}={v}\n" for k, v in sorted(recipe.env.items())).encode())
+    workdir = rootfs.guarded(tree, "etc/forkd/workdir")
     if recipe.workdir:
-        (d / "workdir").write_text(recipe.workdir)
+        rootfs.write_guarded(tree, "etc/forkd/workdir", recipe.workdir.encode())
+    elif workdir.is_dir():
+        shutil.rmtree(workdir)
     else:
-        (d / "workdir").unlink(missing_ok=True)
+        workdir.unlink(missing_ok=True)
 
 
 def describe(info: ImageInfo) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import tarfile
 import tempfile
@@ -71,6 +72,71 @@ def _no_symlink_between(root: Path, target: Path) -> None:
         if cur.is_symlink():
             raise ImageBuildError(f"archive member {target.relative_to(root)} would be written through the "
                                   f"symlink {cur.relative_to(root)}")
+
+
+def guarded(root: Path, guest_path: str, *, parents: bool = True) -> Path:
+    """The host path of ``guest_path`` in ``root``, safe to write: every directory on the way is a real
+    directory below ``root`` (made when ``parents``; a symlink there is refused) and a symlink at the
+    path itself is removed. A hostile rootfs or OCI layer can leave a link such as ``/etc -> /host/etc``;
+    every write forkd makes into the tree after unpacking goes through here."""
+    target = _inside(root, _member_name(guest_path))
+    cur = root
+    for part in target.relative_to(root).parts[:-1] if target != root else ():
+        cur = cur / part
+        if cur.is_symlink():
+            raise ImageBuildError(f"/{target.relative_to(root)} would be written through the symlink "
+                                  f"/{cur.relative_to(root)} that the image's files put there")
+        if not cur.exists():
+            if not parents:
+                raise ImageBuildError(f"/{cur.relative_to(root)} does not exist in the image")
+            cur.mkdir(mode=0o755)
+        elif not cur.is_dir():
+            raise ImageBuildError(f"/{cur.relative_to(root)} is not a directory in the image")
+    if target != root and target.is_symlink():
+        target.unlink()
+    return target
+
+
+def write_guarded(root: Path, guest_path: str, data: bytes, *, mode: int = 0o644, append: bool = False) -> None:
+    """Write (or append to) a file of the tree through :func:`guarded`, never following a link."""
+    target = guarded(root, guest_path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_APPEND if append else os.O_TRUNC)
+    with os.fdopen(os.open(target, flags, mode), "wb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise ImageBuildError(f"/{target.relative_to(root)} is not a regular file in the image")
+        f.write(data)
+
+
+def mkdir_guarded(root: Path, guest_path: str, mode: int = 0o755) -> Path:
+    """A directory of the tree (and its parents) through :func:`guarded`."""
+    target = guarded(root, guest_path)
+    if not target.is_dir():
+        if target.exists():
+            target.unlink()
+        target.mkdir(mode=mode)
+        os.chmod(target, mode)
+    return target
+
+
+def place_tree(src: Path, root: Path, guest_dst: str) -> None:
+    """Copy a host file or directory to ``guest_dst`` in the tree, each entry through :func:`guarded`
+    (``shutil.copytree`` would follow a directory link the image already has)."""
+    if src.is_symlink():
+        guarded(root, guest_dst)
+        os.symlink(os.readlink(src), _inside(root, _member_name(guest_dst)))
+    elif src.is_dir():
+        mkdir_guarded(root, guest_dst, stat.S_IMODE(src.stat().st_mode) | 0o700)
+        for child in sorted(src.iterdir()):
+            place_tree(child, root, f"{guest_dst.rstrip('/')}/{child.name}")
+    elif src.is_file():
+        target = guarded(root, guest_dst)
+        if target.is_dir():
+            shutil.rmtree(target)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as out, open(src, "rb") as f:
+            shutil.copyfileobj(f, out, 1 << 20)
+        os.chmod(target, stat.S_IMODE(src.stat().st_mode))
+    # sockets, FIFOs and devices of the host are not copied
 
 
 def _remove(path: Path) -> None:
@@ -166,7 +232,18 @@ def _oci_layers(src: Path) -> Iterator[IO[bytes]]:
     """The layer blobs of an OCI image layout (directory or tar) or a ``docker save`` archive, lowest first."""
     if src.is_dir():
         def open_blob(name: str) -> IO[bytes]:
-            return open(_inside(src, _member_name(name)), "rb")
+            path = _inside(src, _member_name(name))
+            try:
+                _no_symlink_between(src, path)
+            except ImageBuildError as e:
+                raise ImageBuildError(f"--oci {src}: {e}") from None
+            try:
+                return open(path, "rb", opener=lambda p, f: os.open(p, f | os.O_NOFOLLOW))  # noqa: SIM115
+            except FileNotFoundError:
+                raise
+            except OSError as e:
+                raise ImageBuildError(f"--oci {src}: cannot open {name}: {e.strerror} (a blob must be a "
+                                      "regular file, not a link)") from None
         yield from _layers_from(open_blob, src)
         return
     try:
@@ -210,6 +287,30 @@ def _blob(digest: str) -> str:
     if not re.fullmatch(r"[a-z0-9]+", algo) or not re.fullmatch(r"[0-9a-f]{32,128}", hexd):
         raise ImageBuildError(f"not a content digest: {digest!r}")
     return f"blobs/{algo}/{hexd}"
+
+
+def oci_status(src: Path) -> bytes:
+    """The dpkg status the image's layers leave (the last layer's copy, unless a later whiteout removes
+    it), read without unpacking: apt resolves against it before the build, so the image id is keyed by
+    the package versions."""
+    status = b""
+    ancestors = {"var", "var/lib", "var/lib/dpkg", DPKG_STATUS}
+    for blob in _oci_layers(src):
+        with blob:
+            try:
+                with tarfile.open(fileobj=blob, mode="r|*") as tar:
+                    for m in tar:
+                        name = _member_name(m.name)
+                        parent, _, base = name.rpartition("/")
+                        if base == ".wh..wh..opq" and parent in ancestors or \
+                                base.startswith(".wh.") and (f"{parent}/{base[4:]}".lstrip("/")) in ancestors:
+                            status = b""
+                        elif name == DPKG_STATUS and m.isfile():
+                            f = tar.extractfile(m)
+                            status = f.read(MAX_STATUS) if f is not None else b""
+            except tarfile.TarError as e:
+                raise ImageBuildError(f"--oci {src}: a layer is not a readable tar archive: {e}") from e
+    return status
 
 
 def unpack_oci(src: Path, root: Path) -> int:
@@ -302,23 +403,32 @@ def install_deb(deb: Path, root: Path) -> None:
             raise ImageBuildError(f"dpkg-deb --fsys-tarfile {deb.name} failed: {err.strip()[:300]}")
     stanza = control.stdout.strip().splitlines()
     stanza.insert(1, "Status: install ok installed")
-    status = root / DPKG_STATUS
-    status.parent.mkdir(parents=True, exist_ok=True)
-    with open(status, "a", encoding="utf-8") as f:
-        f.write("\n".join(stanza) + "\n\n")
+    write_guarded(root, DPKG_STATUS, ("\n".join(stanza) + "\n\n").encode(), append=True)
 
 
 def merged_usr_skeleton(root: Path) -> None:
     """The /bin -> usr/bin style links of a Debian 12 root (when the root has no /bin yet)."""
     for d in MERGED_USR:
         if not (root / d).exists() and not (root / d).is_symlink():
-            (root / "usr" / d).mkdir(parents=True, exist_ok=True)
+            mkdir_guarded(root, f"usr/{d}")
             os.symlink(f"usr/{d}", root / d)
 
 
+MAX_STATUS = 64 << 20
+
+
 def read_status(root: Path) -> bytes:
-    p = root / DPKG_STATUS
-    return p.read_bytes() if p.is_file() and not p.is_symlink() else b""
+    """The tree's dpkg status (at most 64 MiB), never read through a link."""
+    cur = root
+    for part in PurePosixPath(DPKG_STATUS).parts:
+        cur = cur / part
+        if cur.is_symlink():
+            return b""
+    try:
+        with open(cur, "rb", opener=lambda p, f: os.open(p, f | os.O_NOFOLLOW)) as f:
+            return f.read(MAX_STATUS) if stat.S_ISREG(os.fstat(f.fileno()).st_mode) else b""
+    except OSError:
+        return b""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,7 +509,8 @@ def find_glibc(root: Path) -> tuple[int, int] | None:
                 if real is None:
                     continue
                 p = root / real.lstrip("/")
-            data = p.read_bytes()
+            with open(p, "rb") as f:
+                data = f.read(16 << 20)
         except OSError:
             continue
         m = re.search(rb"GNU C Library [^\n]*?version (\d+)\.(\d+)", data)
@@ -424,14 +535,38 @@ def check_pip_spec(spec: str) -> str:
     return spec
 
 
+MUSL_LOADERS = ("lib/ld-musl-x86_64.so.1", "usr/lib/ld-musl-x86_64.so.1")
+
+
+def wheel_platforms(root: Path, py: GuestPython) -> tuple[list[str], str]:
+    """pip's ``--platform`` tags for the guest's C library, and how to name it; ImageBuildError when the
+    root has neither glibc nor musl (no binary wheel could load)."""
+    if py.glibc is not None and py.glibc[0] == 2:
+        minor = py.glibc[1]
+        return ([f"manylinux_2_{m}_x86_64" for m in range(minor, 4, -1)] + ["manylinux2014_x86_64"],
+                f"glibc 2.{minor}")
+    if any((root / p).exists() or (root / p).is_symlink() for p in MUSL_LOADERS):
+        return ["musllinux_1_2_x86_64", "musllinux_1_1_x86_64"], "musl"
+    raise ImageBuildError("pip: the image has neither glibc (libc.so.6) nor musl (ld-musl-x86_64.so.1), so no "
+                          "binary wheel would load in it")
+
+
 def pip_install(root: Path, py: GuestPython, specs: list[str], requirements: list[Path]) -> None:
-    """Install wheels for the guest's CPython and glibc into ``root/opt/forkd/python``."""
+    """Install wheels for the guest's CPython and C library into ``root/opt/forkd/python`` (pip writes
+    into a directory next to the tree, then the files are placed through :func:`guarded`)."""
     major, minor = py.version
-    glibc = py.glibc or (2, 17)
-    platforms = [f"manylinux_2_{m}_x86_64" for m in range(glibc[1], 4, -1)] + ["manylinux2014_x86_64"] \
-        if glibc[0] == 2 else ["manylinux2014_x86_64"]
-    target = root / PIP_TARGET
-    target.mkdir(parents=True, exist_ok=True)
+    platforms, libc = wheel_platforms(root, py)
+    target = Path(tempfile.mkdtemp(prefix=".pip-", dir=root.parent))
+    try:
+        _pip(target, major, minor, platforms, libc, specs, requirements)
+        os.chmod(target, 0o755)
+        place_tree(target, root, "/" + PIP_TARGET)
+    finally:
+        shutil.rmtree(target, ignore_errors=True)
+
+
+def _pip(target: Path, major: int, minor: int, platforms: list[str], libc: str, specs: list[str],
+         requirements: list[Path]) -> None:
     argv = [shutil.which("python3") or "python3", "-m", "pip", "install", "-q", "--no-input",
             "--disable-pip-version-check", "--no-warn-script-location", "--target", str(target),
             "--only-binary=:all:", "--implementation", "cp", "--python-version", f"{major}.{minor}",
@@ -445,7 +580,7 @@ def pip_install(root: Path, py: GuestPython, specs: list[str], requirements: lis
     if proc.returncode != 0:
         err = proc.stderr
         missing = re.findall(r"No matching distribution found for (\S+)", err)
-        what = f"CPython {major}.{minor}, glibc {glibc[0]}.{glibc[1]} x86_64"
+        what = f"CPython {major}.{minor}, {libc} x86_64"
         if missing:
             raise ImageBuildError(f"pip: no wheel of {', '.join(missing)} for the guest ({what}): the package does "
                                   "not exist, or has no binary build for that Python and platform")
@@ -461,15 +596,12 @@ def copy_in(src: Path, dst: str, root: Path) -> None:
     """``--copy SRC:DST``: a host file or directory to guest path DST (absolute)."""
     if not dst.startswith("/"):
         raise ImageBuildError(f"--copy {src}:{dst}: the destination must be an absolute guest path")
-    target = _inside(root, dst)
-    _no_symlink_between(root, target)
-    if src.is_dir():
-        shutil.copytree(src, target, symlinks=True, dirs_exist_ok=True)
-    elif src.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, target)
-    else:
+    if not src.exists():
         raise ImageBuildError(f"--copy {src}:{dst}: {src} does not exist")
+    try:
+        place_tree(src, root, dst)
+    except ImageBuildError as e:
+        raise ImageBuildError(f"--copy {src}:{dst}: {e}") from None
 
 
 def tree_bytes(root: Path) -> int:
