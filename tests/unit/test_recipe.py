@@ -346,7 +346,8 @@ def test_oci_status_is_the_last_layers_unless_whited_out(tmp_path: Path) -> None
         out = tmp_path / f"save{len(layers)}.tar"
         names = [f"l{i}/layer.tar" for i in range(len(layers))]
         with tarfile.open(out, "w") as tar:
-            for name, data in (("manifest.json", json.dumps([{"Layers": names}]).encode()), *zip(names, layers, strict=True)):
+            members = [("manifest.json", json.dumps([{"Layers": names}]).encode()), *zip(names, layers, strict=True)]
+            for name, data in members:
                 ti = tarfile.TarInfo(name)
                 ti.size = len(data)
                 tar.addfile(ti, io.BytesIO(data))
