@@ -1,7 +1,7 @@
 # forkd: `make demo` on a fresh Debian 12 machine installs what it needs, builds the guest image,
 # creates the snapshot `pyagent` and forks children from it; `make test` runs the test suite.
 PYTHON ?= python3
-APT_PACKAGES = qemu-system-x86 qemu-utils e2fsprogs busybox-static cpio python3 python3-numpy zstd iproute2 nftables
+APT_PACKAGES = qemu-system-x86 qemu-utils e2fsprogs cpio python3 zstd iproute2 nftables
 N ?= 10
 # QEMU=backports installs QEMU 10 from bookworm-backports (children then open memory.bin read-only).
 QEMU ?= bookworm

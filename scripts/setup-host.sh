@@ -6,7 +6,7 @@
 #   forkd doctor            # then check the result
 set -euo pipefail
 
-PACKAGES=(qemu-system-x86 qemu-utils e2fsprogs busybox-static cpio python3 python3-numpy zstd iproute2 nftables)
+PACKAGES=(qemu-system-x86 qemu-utils e2fsprogs cpio python3 zstd iproute2 nftables)
 KSM_RUN=/sys/kernel/mm/ksm/run
 
 say() { printf 'setup-host: %s\n' "$*"; }

@@ -106,7 +106,7 @@ def b64(data: bytes) -> str:
 def test_ready_line(agent: AgentClient) -> None:
     ready = agent.ready
     assert ready["event"] == "ready"
-    assert ready["agent_version"] == "1"
+    assert ready["agent_version"] == "2"
     assert ready["pid"] == agent.proc.pid
     assert re.fullmatch(r"3\.\d+\.\d+", ready["python"])
     assert ready["numpy"] is None or isinstance(ready["numpy"], str)
@@ -114,7 +114,7 @@ def test_ready_line(agent: AgentClient) -> None:
 
 def test_ping(agent: AgentClient) -> None:
     r = agent.ok("ping")
-    assert r["agent_version"] == "1"
+    assert r["agent_version"] == "2"
     assert r["pid"] == agent.proc.pid
     assert isinstance(r["uptime_s"], float) and r["uptime_s"] >= 0
     assert abs(r["time"] - time.time()) < 600
@@ -398,7 +398,7 @@ def test_malformed_requests(agent: AgentClient, line: bytes, rid: Any, etype: st
 
 def test_blank_lines_are_ignored(agent: AgentClient) -> None:
     agent.send_raw(b"\n  \n")
-    assert agent.ok("ping")["agent_version"] == "1"
+    assert agent.ok("ping")["agent_version"] == "2"
 
 
 # ---------------------------------------------------------------- concurrency
@@ -438,3 +438,48 @@ def test_the_agents_longest_reply_fits_the_hosts_line_limit() -> None:
     from forkd.guest import agent
 
     assert agent.MAX_REPLY < MAX_REPLY_LINE
+
+
+# ---------------------------------------------------------------- interrupt
+
+def _replies(agent: AgentClient, *ids: int) -> dict[int, dict[str, Any]]:
+    got: dict[int, dict[str, Any]] = {}
+    while set(ids) - set(got):
+        msg = agent.recv()
+        got[msg["id"]] = msg
+    return got
+
+
+def test_interrupt_stops_a_busy_loop_and_the_namespace_answers_again(agent: AgentClient) -> None:
+    agent.ok("run_code", code="counter = 0")
+    run = agent.send("run_code", code="while True:\n    counter += 1", run="loop-1")
+    time.sleep(0.5)
+    stop = agent.send("interrupt", run="loop-1", grace=10)
+    got = _replies(agent, run, stop)
+    assert got[stop]["result"] == {"found": 1, "stopped": 1, "stuck": 0}
+    assert not got[run]["ok"] and got[run]["error"]["type"] == "KeyboardInterrupt"
+    assert agent.ok("eval", expr="counter > 0")["value"] is True
+    assert agent.ok("interrupt", grace=0) == {"found": 0, "stopped": 0, "stuck": 0}  # nothing runs
+    other = agent.send("eval", expr="sum(range(10))", run="someone-else")
+    assert _replies(agent, other)[other]["result"]["value"] == 45
+
+
+def test_code_that_will_not_stop_is_reported_and_the_sandbox_goes_on() -> None:
+    client = AgentClient()
+    try:
+        # blocked in C (sleep) and, separately, catching the interrupt: neither stops
+        sleeper = client.send("eval", expr="__import__('time').sleep(600)", run="sleep")
+        time.sleep(0.3)
+        stop = client.send("interrupt", run="sleep", grace=0.5)
+        assert _replies(client, stop)[stop]["result"] == {"found": 1, "stopped": 0, "stuck": 1}
+        assert client.ok("eval", expr="2 + 2")["value"] == 4  # a new lock: not queued behind the sleeper
+        stubborn = client.send("run_code", code="while True:\n    try:\n        x = sum(range(1000))\n"
+                                                "    except KeyboardInterrupt:\n        pass", run="stubborn")
+        time.sleep(0.3)
+        stop = client.send("interrupt", run="stubborn", grace=0.5)
+        assert _replies(client, stop)[stop]["result"]["stuck"] == 1
+        assert client.ok("eval", expr="'still here'")["value"] == "still here"
+        assert sleeper and stubborn
+    finally:
+        client.proc.kill()
+        client.proc.wait()

@@ -119,12 +119,93 @@ def test_image_info_json_round_trip(tmp_path: Path) -> None:
 
 
 @needs_debian
-def test_missing_host_package_names_it_and_the_fix() -> None:
+def test_unknown_guest_package_is_named() -> None:
     with pytest.raises(ImageBuildError) as e:
-        image.host_package_versions(["busybox-static", "forkd-no-such-package"])
-    assert "forkd-no-such-package" in str(e.value)
-    assert "apt-get install -y busybox-static python3.11 python3-numpy cpio" in str(e.value)
-    assert "busybox-static," not in str(e.value)
+        image.guest_package_versions(["busybox-static", "forkd-no-such-package"])
+    assert "unknown package forkd-no-such-package" in str(e.value)
+    assert "busybox-static" not in str(e.value)
+
+
+@needs_debian
+def test_guest_packages_resolve_from_an_empty_root() -> None:
+    versions = image.guest_package_versions()
+    # the whole closure, not only what is named: the loader's package and numpy's BLAS
+    assert {"busybox-static", "python3.11", "python3-numpy", "libc6", "libblas3", "liblapack3"} <= set(versions)
+
+
+def test_apt_resolution_is_remembered_until_the_lists_change(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from forkd.guest import rootfs
+
+    calls = []
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    (lists / "x_Packages").write_text("1")
+    monkeypatch.setenv("FORKD_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(rootfs, "APT_LISTS", lists)
+    monkeypatch.setattr(rootfs, "APT_CONFIG", ())
+    monkeypatch.setattr(rootfs, "_resolve_memo", {})
+
+    def fake(packages: list[str], status: bytes) -> list[tuple[str, str]]:
+        calls.append(packages)
+        return [(packages[0], str(len(calls)))]
+    monkeypatch.setattr(rootfs, "_resolve_apt", fake)
+    assert rootfs.resolve_apt(["jq"], b"") == [("jq", "1")]
+    assert rootfs.resolve_apt(["jq"], b"") == [("jq", "1")] and len(calls) == 1
+    monkeypatch.setattr(rootfs, "_resolve_memo", {})  # a new process: the answer is on disk
+    assert rootfs.resolve_apt(["jq"], b"") == [("jq", "1")] and len(calls) == 1
+    assert rootfs.resolve_apt(["jq"], b"Package: x\n") == [("jq", "2")]  # another status, another answer
+    (lists / "x_Packages").write_text("22")  # apt-get update
+    assert rootfs.resolve_apt(["jq"], b"") == [("jq", "3")]
+
+
+@needs_debian
+def test_libraries_are_resolved_in_the_tree(tmp_path: Path) -> None:
+    from forkd.guest import elfdeps
+
+    libs = elfdeps.libraries(Path("/"), ["/bin/ls"])
+    assert any(p.endswith("/libc.so.6") for p in libs)
+    assert any("ld-linux-x86-64.so.2" in p for p in libs)  # the interpreter
+    tree = tmp_path / "t"
+    (tree / "usr" / "bin").mkdir(parents=True)
+    (tree / "usr" / "bin" / "ls").write_bytes(Path("/bin/ls").read_bytes())
+    with pytest.raises(ImageBuildError, match="needs the loader|needs lib"):
+        elfdeps.libraries(tree, ["/usr/bin/ls"])
+    assert elfdeps.libraries(tree, ["/nonexistent"]) == {}
+    (tree / "usr" / "bin" / "script").write_text("#!/bin/sh\n")
+    assert elfdeps.libraries(tree, ["/usr/bin/script"]) == {}
+
+
+@needs_debian
+def test_alternatives_from_a_postinst_are_applied(tmp_path: Path) -> None:
+    import subprocess
+
+    from forkd.guest import rootfs
+
+    pkg = tmp_path / "pkg"
+    (pkg / "DEBIAN").mkdir(parents=True)
+    (pkg / "usr" / "lib" / "x86_64-linux-gnu" / "blas").mkdir(parents=True)
+    (pkg / "usr" / "lib" / "x86_64-linux-gnu" / "blas" / "libblas.so.3").write_text("lib")
+    (pkg / "DEBIAN" / "control").write_text("Package: fake-blas\nVersion: 1\nArchitecture: amd64\n"
+                                           "Maintainer: x <x@example.invalid>\nDescription: x\n")
+    postinst = pkg / "DEBIAN" / "postinst"
+    postinst.write_text("#!/bin/sh\nset -e\nupdate-alternatives --install /usr/lib/x86_64-linux-gnu/libblas.so.3 \\\n"
+                        "   libblas.so.3-x86_64-linux-gnu /usr/lib/x86_64-linux-gnu/blas/libblas.so.3 10\n"
+                        "update-alternatives --install /usr/bin/evil x $HOME/evil 99\n")
+    postinst.chmod(0o755)
+    deb = tmp_path / "fake.deb"
+    subprocess.run(["dpkg-deb", "-b", "--root-owner-group", str(pkg), str(deb)], check=True, capture_output=True)
+    alts = rootfs.deb_alternatives(deb)
+    assert [(a.link, a.path) for a in alts] == [("/usr/lib/x86_64-linux-gnu/libblas.so.3",
+                                                 "/usr/lib/x86_64-linux-gnu/blas/libblas.so.3")]
+    root = tmp_path / "root"
+    root.mkdir()
+    rootfs.merged_usr_skeleton(root)
+    rootfs.install_deb(deb, root)
+    assert rootfs.apply_alternatives(alts, root) == ["/usr/lib/x86_64-linux-gnu/libblas.so.3"]
+    link = root / "usr/lib/x86_64-linux-gnu/libblas.so.3"
+    assert os.readlink(link) == "/usr/lib/x86_64-linux-gnu/blas/libblas.so.3"  # absolute, as the guest sees it
+    assert rootfs.resolve_in(root, "/usr/lib/x86_64-linux-gnu/libblas.so.3") == \
+        "/usr/lib/x86_64-linux-gnu/blas/libblas.so.3"
 
 
 def test_kernel_meta_falls_back_and_env_overrides(monkeypatch: pytest.MonkeyPatch) -> None:

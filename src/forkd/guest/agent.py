@@ -12,6 +12,7 @@ import base64
 import builtins
 import collections
 import contextlib
+import ctypes
 import fcntl
 import functools
 import glob
@@ -36,10 +37,10 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
-AGENT_VERSION = "1"
+AGENT_VERSION = "2"  # 2: interrupt
 PORT_NAME = "org.forkd.agent"
 DIST_PACKAGES = "/usr/lib/python3/dist-packages"
 MAX_LINE = MAX_READ = 64 * 1024 * 1024
@@ -193,12 +194,76 @@ def op_clock_info(req: Request) -> dict[str, Any]:
             "cmdline": _read_text("/proc/cmdline").strip()}
 
 
+class _Run:
+    """User code running on a request thread (eval, run_code): what ``interrupt`` can reach."""
+
+    def __init__(self, token: str | None) -> None:
+        self.ident = threading.get_ident()
+        self.token = token
+        self.done = threading.Event()
+        self.interrupted = False
+
+
+RUNS: dict[int, _Run] = {}
+RUNS_LOCK = threading.Lock()
+MAX_GRACE = 30.0
+
+
+def _async_raise(ident: int, exc: type[BaseException] | None) -> None:
+    """Raise ``exc`` in thread ``ident`` at its next bytecode (None cancels a pending one)."""
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident),
+                                               ctypes.py_object(exc) if exc is not None else None)
+
+
+@contextlib.contextmanager
+def _user_code(req: Request) -> Iterator[None]:
+    """Mark the block as interruptible; the host names it by the request's ``run`` token."""
+    run = _Run(_arg(req, "run", (str, NoneType), None))
+    with RUNS_LOCK:
+        RUNS[id(run)] = run
+    try:
+        yield
+    finally:
+        while True:  # an interrupt that arrives as the code ends must not escape into the agent
+            try:
+                with RUNS_LOCK:
+                    RUNS.pop(id(run), None)
+                    if run.interrupted:
+                        _async_raise(run.ident, None)
+                break
+            except KeyboardInterrupt:
+                continue
+        run.done.set()
+
+
+def op_interrupt(req: Request) -> dict[str, Any]:
+    """Raise KeyboardInterrupt in the running eval/run_code (``run``: the one with that token, else
+    all), wait ``grace`` seconds for it to stop. Code that does not stop (blocked in C) keeps its
+    thread, and later requests get a new namespace lock so the sandbox goes on answering."""
+    global EVAL_LOCK
+    token = _arg(req, "run", (str, NoneType), None)
+    grace = min(float(_arg(req, "grace", (int, float), 2.0, minimum=0)), MAX_GRACE)
+    with RUNS_LOCK:
+        targets = [r for r in RUNS.values() if token is None or r.token == token]
+        for r in targets:
+            r.interrupted = True
+            _async_raise(r.ident, KeyboardInterrupt)
+    deadline = time.monotonic() + grace
+    for r in targets:
+        r.done.wait(max(0.0, deadline - time.monotonic()))
+    stuck = [r for r in targets if not r.done.is_set()]
+    if stuck:
+        EVAL_LOCK = threading.Lock()  # the stuck code holds the old one
+    return {"found": len(targets), "stopped": len(targets) - len(stuck), "stuck": len(stuck)}
+
+
 def op_eval(req: Request) -> dict[str, Any]:
     """Evaluate one expression in the persistent namespace."""
     expr = _arg(req, "expr", str)
     with EVAL_LOCK:
         try:
-            value = eval(compile(expr, "<eval>", "eval"), G)
+            with _user_code(req):
+                value = eval(compile(expr, "<eval>", "eval"), G)
         except BaseException as e:
             raise ReplyError(_error(e, _user_tb(e))) from None
         return {"repr": repr(value), "value": _json_value(value), "type": type(value).__name__}
@@ -222,8 +287,9 @@ def op_run_code(req: Request) -> dict[str, Any]:
     with EVAL_LOCK, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             body, last = _compile_cell(code)
-            exec(body, G)
-            value = eval(last, G) if last is not None else None
+            with _user_code(req):
+                exec(body, G)
+                value = eval(last, G) if last is not None else None
         except BaseException as e:
             error = _error(e, _user_tb(e))
             error.update(stdout=out.getvalue(), stderr=err.getvalue())
@@ -511,7 +577,7 @@ OPS: dict[str, Callable[[Request], dict[str, Any]]] = {
     "ping": op_ping, "clock_info": op_clock_info, "eval": op_eval, "run_code": op_run_code, "exec": op_exec,
     "file_read": op_file_read, "file_write": op_file_write, "file_list": op_file_list,
     "file_stat": op_file_stat, "file_mkdir": op_file_mkdir, "file_remove": op_file_remove,
-    "file_rename": op_file_rename, "fresh": op_fresh,
+    "file_rename": op_file_rename, "fresh": op_fresh, "interrupt": op_interrupt,
 }
 
 

@@ -1,10 +1,13 @@
 """Build and find forkd's guest image: a Debian kernel plus an uncompressed newc initramfs.
 
-The image is made from Debian packages on this machine: the kernel ``.deb`` is fetched with
-``apt-get download`` (the only download) and unpacked with ``dpkg-deb -x``; busybox-static,
-Debian's ``/usr/bin/python3.11`` with its standard library and shared libraries, python3-numpy,
-the virtio kernel modules, ``/init`` (``init.sh``) and the agent (``agent.py``) are copied from
-the host into the initramfs. Nothing is executed as the guest.
+The image is made from Debian packages, never from the host's installed files: the kernel ``.deb`` and
+the default recipe's packages (``GUEST_APT``: busybox-static, python3.11, python3-numpy and everything
+they depend on, as apt resolves them from an empty root) are downloaded into the cache with
+``apt-get download`` and unpacked into a staging tree (maintainer scripts are not run; the alternatives
+they register are applied). The tree's busybox, python3.11 with its trimmed standard library, numpy and
+the libraries they link (resolved in the tree, see elfdeps.py), the virtio kernel modules, ``/init``
+(``init.sh``) and the agent (``agent.py``) go into the initramfs. The only programs of the tree run on
+the host are Debian's own static busybox (for its applet list) and python3.11 (to byte-compile).
 
 An image lives in ``<image_root>/<image_id>/`` (``vmlinuz``, ``initramfs.cpio``, ``image.json``).
 The id is a hash of the build inputs (package versions, hashes of ``agent.py`` and ``init.sh``,
@@ -39,9 +42,10 @@ from typing import Any
 from forkd import paths
 from forkd.errors import ForkdError, ImageBuildError, ImageNotFoundError
 from forkd.fsutil import fsync_file, pid_alive
+from forkd.guest import elfdeps, rootfs
 from forkd.guest.cpio import CpioWriter
 
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"
 
 KERNEL_PACKAGE_ENV = "FORKD_GUEST_KERNEL_PACKAGE"
 DEFAULT_KERNEL_META = "linux-image-cloud-amd64"
@@ -55,25 +59,19 @@ FALLBACK_KERNEL_META = "linux-image-amd64"
 KERNEL_CMDLINE = ("console=ttyS0 panic=-1 quiet loglevel=3 random.trust_cpu=off tsc=reliable "
                   "nowatchdog nmi_watchdog=0 psi=0 cgroup_disable=memory")
 
-#: Host packages whose files go into the guest (their versions key the image id).
-HOST_PACKAGES = (
-    "busybox-static",
-    "python3.11-minimal",
-    "libpython3.11-minimal",
-    "libpython3.11-stdlib",
-    "python3-numpy",
-    "libc6",
-)
-INSTALL_HINT = "apt-get install -y busybox-static python3.11 python3-numpy cpio"
+#: The default image's userland, as an image recipe would name it: Debian's packages (with their
+#: dependencies, resolved by apt and downloaded into the cache; never the host's installed files),
+#: unpacked into a staging tree and packed into the initramfs. libblas3/liblapack3 pick numpy's BLAS.
+GUEST_APT = ("busybox-static", "python3.11", "python3-numpy", "libblas3", "liblapack3")
 
 GUEST_SRC_DIR = Path(__file__).resolve().parent
 AGENT_SRC = GUEST_SRC_DIR / "agent.py"
 INIT_SRC = GUEST_SRC_DIR / "init.sh"
 
-HOST_BUSYBOX = Path("/bin/busybox")
-HOST_PYTHON = Path("/usr/bin/python3.11")
-HOST_STDLIB = Path("/usr/lib/python3.11")
-HOST_NUMPY = Path("/usr/lib/python3/dist-packages/numpy")
+GUEST_BUSYBOX = "/usr/bin/busybox"
+GUEST_PYTHON = "/usr/bin/python3.11"
+GUEST_STDLIB = "/usr/lib/python3.11"
+GUEST_NUMPY = "/usr/lib/python3/dist-packages/numpy"
 
 #: Names (fnmatch patterns, matched against every path component) left out of the stdlib copy.
 STDLIB_EXCLUDE = (
@@ -94,11 +92,11 @@ KERNEL_NAME = "vmlinuz"
 INITRAMFS_NAME = "initramfs.cpio"
 
 BUILD_STEPS = (
-    "check host packages",
+    "resolve guest packages",
     "fetch kernel package",
     "unpack kernel",
     "resolve kernel modules",
-    "collect guest files",
+    "guest packages",
     "write initramfs",
     "finalize",
 )
@@ -348,27 +346,10 @@ def _resolve_kernel_package(override: str | None) -> tuple[str, str, str]:
     )
 
 
-def host_package_versions(packages: Iterable[str] = HOST_PACKAGES) -> dict[str, str]:
-    """Installed versions of ``packages`` (dpkg-query); raise ImageBuildError naming any missing one."""
-    packages = list(packages)
-    try:
-        proc = subprocess.run(
-            ["dpkg-query", "-W", "-f=${Package}\t${Version}\t${db:Status-Abbrev}\n", *packages],
-            capture_output=True, text=True, check=False,
-        )
-    except FileNotFoundError as e:
-        raise ImageBuildError("dpkg-query not found: the guest image is built from Debian packages") from e
-    versions: dict[str, str] = {}
-    for line in proc.stdout.splitlines():
-        name, _, rest = line.partition("\t")
-        version, _, status = rest.partition("\t")
-        if status.startswith("ii") and name not in versions:
-            versions[name] = version
-    missing = [p for p in packages if p not in versions]
-    if missing:
-        raise ImageBuildError(f"host package(s) not installed: {', '.join(missing)}; "
-                              f"install them with `{INSTALL_HINT}`")
-    return versions
+def guest_package_versions(packages: Iterable[str] = GUEST_APT) -> dict[str, str]:
+    """The version of every package of the default image (``packages`` and their dependencies), as apt
+    resolves them from an empty root; ImageBuildError naming an unknown one."""
+    return dict(rootfs.resolve_apt(list(packages), b""))
 
 
 def _source_file_hash(path: Path, what: str) -> str:
@@ -378,7 +359,8 @@ def _source_file_hash(path: Path, what: str) -> str:
 
 
 def image_inputs() -> dict[str, str]:
-    """Everything the image id is keyed by. Cheap: apt-cache, dpkg-query and two file hashes."""
+    """Everything the image id is keyed by. Cheap: apt-cache, apt's remembered resolution and two file
+    hashes."""
     _meta, kernel_package, kernel_version = resolve_kernel_package()
     inputs = {
         "builder_version": BUILDER_VERSION,
@@ -386,7 +368,7 @@ def image_inputs() -> dict[str, str]:
         "kernel_package": kernel_package,
         "kernel_package_version": kernel_version,
     }
-    for name, version in host_package_versions().items():
+    for name, version in guest_package_versions().items():
         inputs[f"pkg:{name}"] = version
     inputs["sha256:agent.py"] = _source_file_hash(AGENT_SRC, "the guest agent (agent.py)")
     inputs["sha256:init.sh"] = _source_file_hash(INIT_SRC, "the guest init script (init.sh)")
@@ -708,42 +690,20 @@ def add_tree(w: CpioWriter, top: Path, guest_top: str, exclude: Iterable[str] = 
     return shared
 
 
-_LDD_LIB = re.compile(r"^\s+(?:\S+\s+=>\s+)?(/\S+)\s+\(0x[0-9a-f]+\)$")
-
-
-def shared_libraries(elf_files: Iterable[Path]) -> list[str]:
-    """Absolute paths (as the loader finds them) of all libraries ``ldd`` lists for ``elf_files``."""
-    files = [str(p) for p in elf_files]
-    if not files:
-        return []
-    try:
-        proc = subprocess.run(["ldd", *files], capture_output=True, text=True, check=False)
-    except FileNotFoundError as e:
-        raise ImageBuildError("ldd not found (package libc-bin)") from e
-    libs: set[str] = set()
-    for line in proc.stdout.splitlines():
-        if "=> not found" in line:
-            raise ImageBuildError(f"ldd: a shared library is missing on the host: {line.strip()}")
-        m = _LDD_LIB.match(line)
-        if m:
-            libs.add(m.group(1))
-    return sorted(libs)
-
-
-def guest_lib_path(host_path: str) -> str:
-    """Archive path of a host library: ``/lib*``, ``/bin``, ``/sbin`` go under ``usr/`` (merged /usr)."""
-    rel = host_path.lstrip("/")
+def guest_lib_path(guest_path: str) -> str:
+    """Archive path of a library: ``/lib*``, ``/bin``, ``/sbin`` go under ``usr/`` (merged /usr)."""
+    rel = guest_path.lstrip("/")
     first = rel.split("/", 1)[0]
     return f"usr/{rel}" if first in ("lib", "lib64", "lib32", "libx32", "bin", "sbin") else rel
 
 
-def add_libraries(w: CpioWriter, elf_files: Iterable[Path]) -> list[str]:
-    """Add every library the ELF files need, symlinks resolved, under the names the loader uses."""
+def add_libraries(w: CpioWriter, tree: Path, elf_files: Iterable[str]) -> list[str]:
+    """Add every library the ELF files (guest paths in ``tree``) need, under the names the loader uses."""
     added = []
-    for lib in shared_libraries(elf_files):
-        guest = guest_lib_path(lib)
+    for loader_path, real in sorted(elfdeps.libraries(tree, elf_files).items()):
+        guest = guest_lib_path(loader_path)
         if guest not in w:
-            w.add_file(guest, Path(os.path.realpath(lib)))
+            w.add_file(guest, tree / real.lstrip("/"))
             added.append(guest)
     return added
 
@@ -778,10 +738,12 @@ def add_skeleton(w: CpioWriter, image_id: str) -> None:
     w.add_bytes("etc/forkd-image-id", f"{image_id}\n".encode())
 
 
-def add_busybox(w: CpioWriter) -> int:
-    """Static busybox as /usr/bin/busybox plus a symlink per applet; return the applet count."""
-    w.add_file("usr/bin/busybox", HOST_BUSYBOX.resolve(), 0o755)
-    applets = sorted(set(_run([str(HOST_BUSYBOX), "--list"]).split()))
+def add_busybox(w: CpioWriter, tree: Path) -> int:
+    """Debian's static busybox as /usr/bin/busybox plus a symlink per applet; return the applet count."""
+    busybox = tree / GUEST_BUSYBOX.lstrip("/")
+    w.add_file("usr/bin/busybox", busybox, 0o755)
+    # the applet list, from the downloaded (static, Debian-built) binary itself
+    applets = sorted(set(_run([str(busybox), "--list"]).split()))
     count = 0
     for applet in applets:
         if re.fullmatch(r"[A-Za-z0-9_.\[\]+-]+", applet) and applet != "busybox" and f"usr/bin/{applet}" not in w:
@@ -790,14 +752,51 @@ def add_busybox(w: CpioWriter) -> int:
     return count
 
 
-def add_python(w: CpioWriter) -> list[Path]:
-    """Debian's python3.11, the trimmed stdlib and numpy; return the ELF files to resolve libraries for."""
-    w.add_file("usr/bin/python3.11", HOST_PYTHON.resolve(), 0o755)
+def add_python(w: CpioWriter, tree: Path) -> list[str]:
+    """Debian's python3.11, the trimmed stdlib and numpy from ``tree``; return the guest paths of the
+    ELF files to resolve libraries for."""
+    w.add_file("usr/bin/python3.11", tree / GUEST_PYTHON.lstrip("/"), 0o755)
     w.add_symlink("usr/bin/python3", "python3.11")
-    elf = [HOST_PYTHON.resolve()]
-    elf += add_tree(w, HOST_STDLIB, "usr/lib/python3.11", STDLIB_EXCLUDE)
-    elf += add_tree(w, HOST_NUMPY, "usr/lib/python3/dist-packages/numpy", NUMPY_EXCLUDE)
+    elf = [GUEST_PYTHON]
+    for top, exclude in ((GUEST_STDLIB, STDLIB_EXCLUDE), (GUEST_NUMPY, NUMPY_EXCLUDE)):
+        for so in add_tree(w, tree / top.lstrip("/"), top.lstrip("/"), exclude):
+            elf.append("/" + str(so.relative_to(tree)))
     return elf
+
+
+def userland_tree(dest: Path, versions: dict[str, str]) -> Path:
+    """The default image's packages (``versions``: package -> version) downloaded (cached) and unpacked
+    into ``dest``, their alternatives applied; nothing of them is run but busybox's applet list."""
+    dest.mkdir(mode=0o755)
+    rootfs.merged_usr_skeleton(dest)
+    rootfs.install_debs(rootfs.download_debs(sorted(versions.items()), deb_cache_dir()), dest)
+    for need in (GUEST_BUSYBOX, GUEST_PYTHON, f"{GUEST_STDLIB}/json/__init__.py", f"{GUEST_NUMPY}/__init__.py"):
+        if rootfs.resolve_in(dest, need) is None:
+            raise ImageBuildError(f"the default image's packages ({', '.join(GUEST_APT)}) gave no {need}")
+    compile_bytecode(dest, (GUEST_STDLIB, GUEST_NUMPY))
+    return dest
+
+
+def compile_bytecode(tree: Path, guest_dirs: Iterable[str]) -> None:
+    """Byte-compile ``guest_dirs`` with the tree's own Debian python3.11 (run through the tree's own
+    loader and libraries, so it works on any x86-64 host), as ``unchecked-hash`` .pyc files: the
+    initramfs stores mtime 0, so timestamp-checked ones would be recompiled by every guest that imports
+    them. Debian's packages ship no .pyc (their postinst makes them), and maintainer scripts are not run."""
+    usr = tree / "usr"
+    loader = usr / "lib" / "x86_64-linux-gnu" / "ld-linux-x86-64.so.2"
+    python = tree / GUEST_PYTHON.lstrip("/")
+    argv = [str(loader), "--library-path", str(usr / "lib" / "x86_64-linux-gnu"), str(python),
+            "-S", "-m", "compileall", "-q", "-j0", "--invalidation-mode", "unchecked-hash", "-s", str(tree),
+            "-p", "/", "-x", "/(test|tests|idlelib|tkinter|lib2to3|turtledemo)/",
+            *[str(tree / d.lstrip("/")) for d in guest_dirs]]
+    try:
+        proc = subprocess.run(argv, env={"PYTHONHOME": str(usr), "PATH": "/usr/bin:/bin"}, capture_output=True,
+                              text=True, timeout=600, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise ImageBuildError(f"byte-compiling the default image's Python failed: {e}") from e
+    if proc.returncode != 0:
+        why = (proc.stderr or proc.stdout)[-600:]
+        raise ImageBuildError(f"byte-compiling the default image's Python failed: {why}")
 
 
 def add_modules(w: CpioWriter, moddir: Path, kver: str, order: list[Path]) -> list[str]:
@@ -857,13 +856,13 @@ def _clean_stale(root: Path, *patterns: str) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def _write_initramfs(out: Path, image_id: str, kver: str, moddir: Path, modules: list[Path],
+def _write_initramfs(out: Path, image_id: str, kver: str, moddir: Path, modules: list[Path], tree: Path,
                      steps: _Steps) -> None:
     with open(out, "wb") as f:
         w = CpioWriter(f)
         add_skeleton(w, image_id)
-        add_busybox(w)
-        add_libraries(w, add_python(w))
+        add_busybox(w, tree)
+        add_libraries(w, tree, add_python(w, tree))
         add_modules(w, moddir, kver, modules)
         add_forkd_files(w)
         steps("write initramfs")
@@ -879,8 +878,11 @@ def _build_into(staging: Path, final: Path, image_id: str, inputs: dict[str, str
     kver, vmlinuz, moddir = unpack_kernel(deb, staging / "_kernel")
     steps("resolve kernel modules")
     modules = module_load_order(moddir)
-    steps("collect guest files")
-    _write_initramfs(staging / INITRAMFS_NAME, image_id, kver, moddir, modules, steps)
+    steps("guest packages")
+    versions = {k[4:]: v for k, v in inputs.items() if k.startswith("pkg:")}
+    tree = userland_tree(staging / "_root", versions)
+    _write_initramfs(staging / INITRAMFS_NAME, image_id, kver, moddir, modules, tree, steps)
+    shutil.rmtree(tree)
     steps("finalize")
     cmdline = kernel_cmdline()
     _copy_durable(vmlinuz, staging / KERNEL_NAME)
@@ -929,7 +931,7 @@ def build_image(root: Path | None = None, *, force: bool = False,
 
 
 def _build_image(root: Path, force: bool, steps: _Steps) -> ImageInfo:
-    steps("check host packages")
+    steps("resolve guest packages")
     inputs = image_inputs()
     image_id = image_id_for(inputs)
     existing = None if force else _find(root, inputs)

@@ -373,8 +373,7 @@ def _build(recipe: Recipe, boot: ImageInfo, inputs: dict[str, str], resolved: li
     steps("download packages")
     debs = rootfs.download_debs(resolved, deb_cache_dir())
     steps("unpack packages")
-    for deb in debs:
-        rootfs.install_deb(deb, tree)
+    rootfs.install_debs(debs, tree)
     _skeleton(tree)
     py = rootfs.find_python(tree)
     steps("pip wheels")

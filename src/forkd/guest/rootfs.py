@@ -11,6 +11,7 @@ needed, no loop mount).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -24,8 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
+from forkd import paths
 from forkd.errors import ImageBuildError
-from forkd.fsutil import fsync_file
+from forkd.fsutil import atomic_write_json, fsync_file
 
 DPKG_STATUS = "var/lib/dpkg/status"
 MERGED_USR = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
@@ -337,9 +339,50 @@ def check_apt_name(spec: str) -> str:
     return spec
 
 
+APT_LISTS = Path("/var/lib/apt/lists")
+APT_CONFIG = (Path("/etc/apt/sources.list"), Path("/etc/apt/sources.list.d"), Path("/etc/apt/preferences.d"))
+_resolve_memo: dict[str, list[tuple[str, str]]] = {}
+
+
+def _apt_state() -> str:
+    """What apt's answer depends on besides the request: its package lists and sources (names, sizes,
+    mtimes). A change (apt-get update, a new source) gives a new key."""
+    h = hashlib.sha256()
+    for top in (APT_LISTS, *APT_CONFIG):
+        files = sorted(top.iterdir()) if top.is_dir() else [top]
+        for f in files:
+            with contextlib.suppress(OSError):
+                st = f.stat()
+                h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
 def resolve_apt(packages: list[str], status: bytes) -> list[tuple[str, str]]:
     """(package, version) of everything ``packages`` need beyond what ``status`` (a dpkg status file)
-    records as installed, without recommends; ImageBuildError naming an unknown package."""
+    records as installed, without recommends; ImageBuildError naming an unknown package. Answers are
+    remembered (in memory and under the cache directory) until apt's lists or sources change: apt's
+    resolution costs seconds and every image lookup asks it."""
+    key = hashlib.sha256(json.dumps([packages, hashlib.sha256(status).hexdigest(), _apt_state()]).encode()).hexdigest()
+    if key in _resolve_memo:
+        return list(_resolve_memo[key])
+    memo_file = paths.cache_dir() / "apt-resolve" / f"{key[:32]}.json"
+    try:
+        cached = json.loads(memo_file.read_text())
+        if isinstance(cached, list) and all(isinstance(x, list) and len(x) == 2 and all(isinstance(y, str) for y in x)
+                                            for x in cached):
+            _resolve_memo[key] = [(a, b) for a, b in cached]
+            return list(_resolve_memo[key])
+    except (OSError, ValueError):
+        pass
+    out = _resolve_apt(packages, status)
+    _resolve_memo[key] = out
+    with contextlib.suppress(OSError):
+        memo_file.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(memo_file, out, mode=0o644)
+    return list(out)
+
+
+def _resolve_apt(packages: list[str], status: bytes) -> list[tuple[str, str]]:
     with tempfile.TemporaryDirectory(prefix="forkd-apt-") as tmp:
         status_file = Path(tmp) / "status"
         status_file.write_bytes(status)
@@ -406,6 +449,69 @@ def install_deb(deb: Path, root: Path) -> None:
     write_guarded(root, DPKG_STATUS, ("\n".join(stanza) + "\n\n").encode(), append=True)
 
 
+_ALT_PATH = r"(/[A-Za-z0-9._+@/-]+)"
+_ALT_INSTALL = re.compile(rf"update-alternatives\s+--install\s+{_ALT_PATH}\s+([A-Za-z0-9._+@-]+)\s+{_ALT_PATH}"
+                          r"\s+(\d+)((?:\s+--slave\s+\S+\s+\S+\s+\S+)*)")
+_ALT_SLAVE = re.compile(rf"--slave\s+{_ALT_PATH}\s+([A-Za-z0-9._+@-]+)\s+{_ALT_PATH}")
+
+
+@dataclass(frozen=True)
+class Alternative:
+    """One ``update-alternatives --install`` of a package's postinst: ``link`` -> ``path`` (and slaves)."""
+
+    name: str
+    link: str
+    path: str
+    priority: int
+    slaves: tuple[tuple[str, str], ...] = ()
+
+
+def deb_alternatives(deb: Path) -> list[Alternative]:
+    """The alternatives ``deb``'s postinst registers with literal paths (read, never run). Maintainer
+    scripts are not run in an image build; without this, libblas3's libblas.so.3 (which numpy links)
+    or mawk's /usr/bin/awk would be missing."""
+    proc = _run(["dpkg-deb", "--info", str(deb), "postinst"], f"dpkg-deb {deb.name}")
+    if proc.returncode != 0:
+        return []
+    text = proc.stdout[:1 << 20].replace("\\\n", " ")
+    out = []
+    for m in _ALT_INSTALL.finditer(text):
+        slaves = tuple((s.group(1), s.group(3)) for s in _ALT_SLAVE.finditer(m.group(5) or ""))
+        out.append(Alternative(m.group(2), m.group(1), m.group(3), int(m.group(4)), slaves))
+    return out
+
+
+def apply_alternatives(alternatives: list[Alternative], root: Path) -> list[str]:
+    """Make each alternative's link (the highest priority per name whose target the tree has) point at
+    its target, as update-alternatives would (directly, without /etc/alternatives). Returns the links."""
+    best: dict[str, Alternative] = {}
+    for alt in alternatives:
+        if resolve_in(root, alt.path) is None:
+            continue
+        if alt.name not in best or alt.priority > best[alt.name].priority:
+            best[alt.name] = alt
+    made = []
+    for alt in best.values():
+        for link, path in ((alt.link, alt.path), *alt.slaves):
+            if resolve_in(root, path) is None or ".." in link.split("/"):
+                continue
+            target = guarded(root, link)
+            if target.exists() and not target.is_symlink():
+                continue  # a real file is there already: the package set provides it
+            os.symlink(path, target)
+            made.append(link)
+    return made
+
+
+def install_debs(debs: list[Path], root: Path) -> None:
+    """Unpack every package into ``root``, then apply the alternatives their postinsts register."""
+    alternatives: list[Alternative] = []
+    for deb in debs:
+        install_deb(deb, root)
+        alternatives += deb_alternatives(deb)
+    apply_alternatives(alternatives, root)
+
+
 def merged_usr_skeleton(root: Path) -> None:
     """The /bin -> usr/bin style links of a Debian 12 root (when the root has no /bin yet)."""
     for d in MERGED_USR:
@@ -443,7 +549,7 @@ class GuestPython:
     glibc: tuple[int, int] | None
 
 
-def _resolve_in(root: Path, guest_path: str, depth: int = 0) -> str | None:
+def resolve_in(root: Path, guest_path: str, depth: int = 0) -> str | None:
     """Follow ``guest_path``'s symlinks as the guest would, inside ``root``; the final guest path."""
     if depth > 16:
         return None
@@ -459,7 +565,7 @@ def _resolve_in(root: Path, guest_path: str, depth: int = 0) -> str | None:
             target = PurePosixPath(link) if link.startswith("/") else cur / link
             rest = PurePosixPath(*parts[i + 1:]) if i + 1 < len(parts) else None
             full = os.path.normpath(str(target / rest) if rest else str(target))
-            return _resolve_in(root, full, depth + 1)
+            return resolve_in(root, full, depth + 1)
         cur = nxt
     return str(cur) if (root / str(cur).lstrip("/")).is_file() or p.is_file() else None
 
@@ -477,7 +583,7 @@ def find_python(root: Path) -> GuestPython:
                             if re.fullmatch(r"python3\.\d+", p.name))
     found_versions = []
     for cand in names:
-        real = _resolve_in(root, cand)
+        real = resolve_in(root, cand)
         if real is None:
             continue
         m = re.search(r"python(3)\.(\d+)$", real) or re.search(r"python(3)\.(\d+)$", cand)
@@ -505,7 +611,7 @@ def find_glibc(root: Path) -> tuple[int, int] | None:
         p = root / d / "libc.so.6"
         try:
             if p.is_symlink():
-                real = _resolve_in(root, "/" + str(p.relative_to(root)))
+                real = resolve_in(root, "/" + str(p.relative_to(root)))
                 if real is None:
                     continue
                 p = root / real.lstrip("/")
