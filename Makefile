@@ -7,12 +7,12 @@ N ?= 10
 QEMU ?= bookworm
 BACKPORTS_LIST = /etc/apt/sources.list.d/forkd-bookworm-backports.list
 
-.PHONY: demo deps apt pip image snapshot test test-unit lint bench clean
+.PHONY: demo deps apt pip compat-venv openapi image snapshot test test-unit lint bench clean
 
 demo: deps image snapshot
 	forkd fork --tag pyagent -n $(N) --eval 'numpy.zeros(5).tolist()'
 
-deps: apt pip
+deps: apt pip compat-venv
 
 # The guest image builder downloads the guest kernel package with apt, so the lists must be present too.
 apt:
@@ -28,6 +28,16 @@ endif
 
 pip:
 	$(PYTHON) -m pip install -q -e '.[dev]'
+
+# The original forkd's Python SDK (PyPI forkd 0.5.3: our import name, so a venv of its own), which
+# tests/integration/test_original_sdk.py drives against our daemon.
+compat-venv:
+	@test -x .venv-compat/bin/python || $(PYTHON) -m venv .venv-compat
+	.venv-compat/bin/python -m pip install -q 'forkd==0.5.3'
+
+# docs/openapi.json, the contract the daemon serves and the SDKs are checked against
+openapi:
+	forkd-controller openapi --out docs/openapi.json
 
 image:
 	forkd image build

@@ -94,12 +94,19 @@ def test_tls(tmp_path: Path, engine) -> None:
 
 def test_validation_errors_name_the_field(daemon: Daemon, snapshot: str) -> None:
     with daemon.client() as c:
+        before = len(c.get("/v1/sandboxes").json())
         r = c.post("/v1/sandboxes", json={"snapshot_tag": snapshot, "n": 1001})
         assert r.status_code == 422 and "n:" in r.json()["error"]
         r = c.post("/v1/sandboxes", json={"snapshot_tag": "../etc", "n": 1})
         assert r.status_code == 422 and "snapshot_tag" in r.json()["error"]
         r = c.post("/v1/sandboxes", json={"snapshot_tag": snapshot, "bogus": 1})
         assert r.status_code == 422 and "bogus" in r.json()["error"]
+        # no coercion at the edge: a string is not an integer, 1 is not a boolean
+        r = c.post("/v1/sandboxes", json={"snapshot_tag": snapshot, "n": "5"})
+        assert r.status_code == 422 and "n:" in r.json()["error"] and "integer" in r.json()["error"]
+        r = c.post("/v1/sandboxes", json={"snapshot_tag": snapshot, "per_child_netns": 1})
+        assert r.status_code == 422 and "per_child_netns" in r.json()["error"]
+        assert len(c.get("/v1/sandboxes").json()) == before  # nothing was spawned by any of these
         r = c.post("/v1/sandboxes", content=b"{not json", headers={"content-type": "application/json"})
         assert r.status_code == 422
         assert c.get("/v1/sandboxes/..%2Fetc").status_code in (404, 422)
@@ -314,3 +321,75 @@ def test_branch_through_the_api(daemon: Daemon, snapshot: str) -> None:
         assert c.delete("/v1/snapshots/api-br1?cascade=true&force=true").status_code == 400
         for t in ("api-br1", "api-br2", "api-br1c"):
             assert c.delete(f"/v1/snapshots/{t}").status_code == 204
+
+
+def test_the_daemon_serves_the_committed_contract(daemon: Daemon) -> None:
+    committed = json.loads((Path(__file__).resolve().parents[2] / "docs" / "openapi.json").read_text())
+    with daemon.client() as c:
+        assert c.get("/openapi.json").json() == committed
+
+
+def _gone(c: httpx.Client, sid: str, timeout: float = 120.0) -> str:
+    """Wait until ``sid`` answers 404; its error message."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = c.get(f"/v1/sandboxes/{sid}")
+        if r.status_code == 404:
+            return str(r.json()["error"])
+        time.sleep(0.5)
+    raise AssertionError(f"sandbox {sid} still there after {timeout} s")
+
+
+def test_metadata_labels_and_filter(daemon: Daemon, snapshot: str) -> None:
+    with daemon.client() as c:
+        r = c.post("/v1/sandboxes", json={"snapshot_tag": snapshot, "n": 2, "metadata": {"team": "a", "run": "7"}})
+        a = [e["sandbox"]["id"] for e in r.json()]
+        r = c.post("/v1/sandboxes", json={"snapshot_tag": snapshot, "metadata": {"team": "b"}})
+        (b,) = [e["sandbox"]["id"] for e in r.json()]
+        try:
+            assert c.get(f"/v1/sandboxes/{b}").json()["metadata"] == {"team": "b"}
+            assert sorted(s["id"] for s in c.get("/v1/sandboxes", params={"metadata": "team:a"}).json()) == sorted(a)
+            both = c.get("/v1/sandboxes", params=[("metadata", "team:a"), ("metadata", "run:7")]).json()
+            assert sorted(s["id"] for s in both) == sorted(a)
+            assert c.get("/v1/sandboxes", params=[("metadata", "team:a"), ("metadata", "run:8")]).json() == []
+            assert c.get("/v1/sandboxes", params={"metadata": "no-colon"}).status_code == 400
+            bad = c.post("/v1/sandboxes", json={"snapshot_tag": snapshot, "metadata": {"team": 1}})
+            assert bad.status_code == 422 and "metadata" in bad.json()["error"]
+        finally:
+            for sid in [*a, b]:
+                c.delete(f"/v1/sandboxes/{sid}")
+
+
+def test_lifetime_expires_and_can_be_extended(daemon: Daemon, snapshot: str) -> None:
+    with daemon.client() as c:
+        r = c.post("/v1/sandboxes", json={"snapshot_tag": snapshot, "n": 2, "lifetime_s": 20})
+        short, extended = [e["sandbox"] for e in r.json()]
+        assert short["expires_at"] is not None and short["expires_at"] - short["created_at"] == pytest.approx(20)
+        moved = c.post(f"/v1/sandboxes/{extended['id']}/timeout", json={"lifetime_s": 600}).json()
+        assert moved["expires_at"] > time.time() + 500
+        assert c.post(f"/v1/sandboxes/{extended['id']}/timeout", json={"lifetime_s": "600"}).status_code == 422
+        why = _gone(c, short["id"])
+        assert "lifetime ran out" in why
+        for _ in range(100):  # the VM itself is gone
+            if not os.path.exists(f"/proc/{short['pid']}"):
+                break
+            time.sleep(0.2)
+        assert not os.path.exists(f"/proc/{short['pid']}")
+        assert c.post(f"/v1/sandboxes/{extended['id']}/eval", json={"expr": "1 + 1"}).json()["value"] == 2
+        c.delete(f"/v1/sandboxes/{extended['id']}")
+        assert "killed" in c.get(f"/v1/sandboxes/{extended['id']}").json()["error"]
+
+
+def test_lifetime_runs_out_while_the_daemon_is_down(daemon: Daemon, snapshot: str) -> None:
+    with daemon.client() as c:
+        (sb,) = [e["sandbox"] for e in c.post("/v1/sandboxes", json={"snapshot_tag": snapshot,
+                                                                      "lifetime_s": 8}).json()]
+    assert daemon.stop() == 0
+    assert json.loads(daemon.state.read_text())["sandboxes"][sb["id"]]["expires_at"] == sb["expires_at"]
+    time.sleep(max(0.0, sb["expires_at"] - time.time()) + 1)
+    daemon.restart()
+    with daemon.client() as c:
+        assert "lifetime ran out" in _gone(c, sb["id"], timeout=10)
+    daemon.restart()  # the reason survives another restart
+    with daemon.client() as c:
+        assert "lifetime ran out" in _gone(c, sb["id"], timeout=10)

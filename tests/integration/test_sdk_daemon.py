@@ -14,6 +14,7 @@ from forkd import (
     BadRequestError,
     CodeError,
     Controller,
+    GatewayTimeoutError,
     NotFoundError,
     Sandbox,
 )
@@ -157,3 +158,18 @@ def test_async_spawn_eval_kill_concurrently(daemon: Daemon, snapshot: str) -> No
             return values
 
     assert asyncio.run(main()) == [0.0, 7.0, 14.0]
+
+
+def test_timed_out_code_is_interrupted_and_the_sandbox_answers_again(ctl: Controller, snapshot: str) -> None:
+    with ctl.spawn_sandbox(snapshot, timeout=TIMEOUT) as sb:
+        sb.run_code("spins = 0")
+        with pytest.raises(GatewayTimeoutError, match="interrupted .KeyboardInterrupt"):
+            sb.run_code("while True:\n    spins += 1", timeout=2)
+        assert sb.eval("spins > 0", timeout=60) is True  # answered, not queued behind the loop
+        # code blocked in C does not stop: reported, and new calls are served all the same
+        with pytest.raises(GatewayTimeoutError, match="did not stop"):
+            sb.eval("time.sleep(3600)", timeout=2)
+        assert sb.eval("1 + 1", timeout=60) == 2
+        r = sb.interrupt()
+        assert (r.found, r.stuck) == (1, 1)  # the sleeper is still there
+        assert sb.interrupt().found == 1 and sb.ping().agent_version == "2"

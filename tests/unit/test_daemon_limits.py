@@ -156,3 +156,11 @@ def test_bind_without_token() -> None:
     assert check_bind_auth("127.0.0.1:8889", ("127.0.0.1", 8889), TOKEN) is None
     assert check_bind_auth("0.0.0.0:8889", ("0.0.0.0", 8889), TOKEN) is None
     assert check_bind_auth("unix:/run/forkd.sock", "/run/forkd.sock", None) is None
+
+
+def test_healthz_with_a_slash_needs_no_token_and_nothing_else_does(served: tuple[TestClient, Metrics, Path]) -> None:
+    client, _, _ = served
+    assert client.get("/healthz/").json() == {"ok": True}
+    assert client.get("/healthz").json() == {"ok": True}
+    for path in ("/HEALTHZ", "/healthz//", "/healthzz", "/version", "/openapi.json"):
+        assert client.get(path).status_code == 401, path

@@ -12,6 +12,7 @@ import click
 from forkd.cli.common import accel_option, json_option, make_engine
 from forkd.cli.output import console, handle_errors, print_json, table
 from forkd.errors import ForkdError
+from forkd.limits import MAX_CHILDREN
 
 EXPR = "numpy.zeros(5).tolist()"
 
@@ -77,7 +78,8 @@ def remote_cycle(url: str, token_file: Path | None, tag: str, n: int) -> list[di
 
 @click.command()
 @click.option("--tag", required=True, help="Snapshot to fork from.")
-@click.option("-n", "--n", "n", type=click.IntRange(1, 1000), default=5, show_default=True, help="Fan-out size.")
+@click.option("-n", "--n", "n", type=click.IntRange(1, MAX_CHILDREN), default=5, show_default=True,
+              help="Fan-out size.")
 @click.option("--url", envvar="FORKD_URL", default=None, help="Run against this forkd-controller (else locally).")
 @click.option("--token-file", envvar="FORKD_TOKEN_FILE", default=None, type=click.Path(path_type=Path))
 @accel_option

@@ -13,6 +13,7 @@ from forkd.cli.common import accel_option, json_option, make_engine
 from forkd.cli.output import console, handle_errors, mib, print_json, table
 from forkd.engine import Child, SpawnResult
 from forkd.errors import ForkdError
+from forkd.limits import MAX_CHILDREN
 
 
 def run_in_child(child: Child, expr: str | None, argv: list[str] | None, timeout: float) -> dict[str, Any]:
@@ -41,7 +42,7 @@ def row_json(res: SpawnResult, ran: dict[str, Any]) -> dict[str, Any]:
 
 @click.command(context_settings={"allow_interspersed_args": False})
 @click.option("--tag", required=True, help="Snapshot to fork from.")
-@click.option("-n", "--n", "n", type=click.IntRange(1, 1000), default=1, show_default=True,
+@click.option("-n", "--n", "n", type=click.IntRange(1, MAX_CHILDREN), default=1, show_default=True,
               help="Number of children.")
 @click.option("--eval", "expr", default=None, help="Python expression evaluated in every child.")
 @click.option("--exec", "do_exec", is_flag=True, help="Run ARGV (the trailing arguments) in every child.")

@@ -16,7 +16,7 @@ from rich.text import Text
 from forkd.errors import ForkdError, ValidationError
 
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # an error is one line, however long
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -49,6 +49,15 @@ def handle_errors(fn: F) -> F:
         except KeyboardInterrupt:
             err_console.print("interrupted")
             raise SystemExit(130) from None
+        except Exception as e:
+            # the SDK's errors (a command talking to a daemon): status and message on one line. Looked up
+            # only if the SDK was imported (it imports httpx, which every command would pay for otherwise)
+            sdk = sys.modules.get("forkd.sdk.errors")
+            if sdk is None or not isinstance(e, sdk.ForkdAPIError):
+                raise
+            error(str(e))
+            bad_input = isinstance(e, (sdk.BadRequestError, sdk.UnprocessableEntityError))
+            raise SystemExit(2 if bad_input else 1) from e
 
     return wrapper  # type: ignore[return-value]
 

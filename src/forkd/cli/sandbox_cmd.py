@@ -16,6 +16,7 @@ import click
 from forkd.cli.common import accel_option, json_option, make_engine
 from forkd.cli.output import console, error, handle_errors, print_json, table
 from forkd.errors import ForkdError, ValidationError
+from forkd.limits import BRANCH_MODES, MAX_CHILDREN
 
 
 class Backend(Protocol):
@@ -146,7 +147,7 @@ def sandbox(ctx: click.Context, url: str | None, token_file: Path | None, accel:
 
 @sandbox.command("spawn")
 @click.option("--tag", required=True, help="Snapshot to fork from.")
-@click.option("-n", "--n", "n", type=click.IntRange(1, 1000), default=1, show_default=True)
+@click.option("-n", "--n", "n", type=click.IntRange(1, MAX_CHILDREN), default=1, show_default=True)
 @click.option("--network", type=click.Choice(["internet", "none", "user"]), default="internet", show_default=True)
 @json_option
 @click.pass_context
@@ -253,7 +254,7 @@ def kill(ctx: click.Context, sids: tuple[str, ...], all_: bool) -> None:
 @click.command("branch")
 @click.argument("sid")
 @click.option("--tag", default=None, help="Name of the new snapshot (generated when absent).")
-@click.option("--mode", type=click.Choice(["auto", "delta", "flat"]), default="auto", show_default=True,
+@click.option("--mode", type=click.Choice(BRANCH_MODES), default="auto", show_default=True,
               help="delta: pages in the vmstate over the base memory.bin; flat: a memory.bin of its own.")
 @click.option("--no-wait", is_flag=True, help="Daemon only: return at once; the snapshot is `writing` until ready.")
 @click.option("--url", envvar="FORKD_URL", default=None, help="forkd-controller URL; local engine when absent.")

@@ -15,7 +15,7 @@ from forkd.errors import ValidationError
 
 MIN_TOKEN_BYTES = 16
 PLACEHOLDER_PREFIXES = ("REPLACE_ME", "CHANGE_ME")
-PUBLIC_PATHS = frozenset({"/healthz"})
+PUBLIC_PATHS = frozenset({"/healthz", "/healthz/"})  # exact: no case folding, no decoding
 
 
 def load_token(path: Path) -> bytes:

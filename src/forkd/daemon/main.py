@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import signal
@@ -25,6 +26,7 @@ from forkd.daemon.service import Controller
 from forkd.daemon.state import StateFile
 from forkd.engine import Engine
 from forkd.errors import ForkdError, ValidationError
+from forkd.limits import MAX_LIFETIME_S
 from forkd.paths import snapshot_root
 
 log = logging.getLogger("forkd.controller")
@@ -69,6 +71,9 @@ def cli() -> None:
               type=click.IntRange(1, 1024), help="Maximum BRANCH operations in flight.")
 @click.option("--pool-size", envvar="FORKD_POOL_SIZE", default=0, show_default=True, type=click.IntRange(0, 1000),
               help="QEMUs kept waiting per snapshot once it has been spawned from.")
+@click.option("--sandbox-timeout", envvar="FORKD_SANDBOX_TIMEOUT", default=None,
+              type=click.FloatRange(min=1, max=MAX_LIFETIME_S),
+              help="Seconds a sandbox lives unless its spawn asks otherwise (default: until killed).")
 @click.option("--accel", envvar="FORKD_ACCEL", default=None, type=click.Choice(["auto", "kvm", "tcg"]))
 @click.option("--log-level", envvar="FORKD_LOG_LEVEL", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
@@ -76,13 +81,14 @@ def cli() -> None:
               help="Run QEMU unjailed (as this daemon's user, with no network filter). Only for trusted code.")
 def serve(bind: str, state_path: Path, snapshot_root: Path | None, audit_log: Path, token_file: Path | None,
           tls_cert: Path | None, tls_key: Path | None, scratch_dir: Path | None, branch_concurrency: int,
-          pool_size: int, accel: str | None, log_level: str, insecure_no_jail: bool) -> None:
+          pool_size: int, sandbox_timeout: float | None, accel: str | None, log_level: str,
+          insecure_no_jail: bool) -> None:
     """Serve the REST API."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         setup_jail(insecure_no_jail)
         config, audit = build(bind, state_path, snapshot_root, audit_log, token_file, tls_cert, tls_key,
-                              scratch_dir, branch_concurrency, pool_size, accel, log_level)
+                              scratch_dir, branch_concurrency, pool_size, accel, log_level, sandbox_timeout)
     except ForkdError as e:
         click.echo(f"forkd-controller: error: {e}", err=True)
         sys.exit(2)
@@ -127,7 +133,8 @@ class _Server(uvicorn.Server):
 
 def build(bind: str, state_path: Path, snap_root: Path | None, audit_path: Path, token_file: Path | None,
           tls_cert: Path | None, tls_key: Path | None, scratch_dir: Path | None, branch_concurrency: int,
-          pool_size: int, accel: str | None, log_level: str) -> tuple[uvicorn.Config, AuditLog]:
+          pool_size: int, accel: str | None, log_level: str,
+          sandbox_timeout: float | None = None) -> tuple[uvicorn.Config, AuditLog]:
     where = parse_bind(bind)
     token = load_token(token_file) if token_file else None
     warning = check_bind_auth(bind, where, token)
@@ -143,7 +150,7 @@ def build(bind: str, state_path: Path, snap_root: Path | None, audit_path: Path,
     run_dir = scratch_dir or state_path.parent / "run"
     engine = Engine(snapshot_root=snap_root or snapshot_root(), run_dir=run_dir, accel=accel)
     engine.accel  # noqa: B018 - fail at start-up, not on the first request, if the accelerator is unusable
-    ctl = Controller(engine, StateFile(state_path), pool_size=pool_size)
+    ctl = Controller(engine, StateFile(state_path), pool_size=pool_size, default_lifetime_s=sandbox_timeout)
     ctl.branch_concurrency = branch_concurrency
     audit = AuditLog(audit_path)
     metrics = Metrics(lambda: sum(1 for _t, snap, _e in engine.store.list() if snap is not None), ctl.active_count)
@@ -156,6 +163,7 @@ def build(bind: str, state_path: Path, snap_root: Path | None, audit_path: Path,
 
         anyio.to_thread.current_default_thread_limiter().total_tokens = 256
         report = ctl.reconcile()
+        ctl.start_reaper()
         log.info("forkd-controller %s on %s (accel %s); reconcile: %s", __version__, bind, engine.accel.name,
                  {k: len(v) for k, v in report.items()})
         yield
@@ -236,3 +244,23 @@ def unix_listener(path: Path) -> socket.socket:
 
 def main() -> None:
     cli()
+
+
+@cli.command("openapi")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the document here (default: stdout). The repository keeps it in docs/openapi.json.")
+def openapi(out: Path | None) -> None:
+    """Print the OpenAPI document of REST API v1 (what the daemon serves at /openapi.json)."""
+    from forkd.daemon.app import openapi_document
+    from forkd.fsutil import atomic_write_bytes
+
+    text = openapi_json(openapi_document())
+    if out is None:
+        click.echo(text, nl=False)
+    else:
+        atomic_write_bytes(out, text.encode(), 0o644)
+
+
+def openapi_json(doc: dict[str, object]) -> str:
+    """The canonical text of the document (sorted keys, two-space indent, final newline)."""
+    return json.dumps(doc, indent=2, sort_keys=True) + "\n"

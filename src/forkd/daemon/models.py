@@ -2,18 +2,51 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from forkd.engine.specguard import MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB, MIN_VCPUS
+from forkd.limits import (
+    ID_PATTERN,
+    IMAGE_NAME_PATTERN,
+    MAX_ARGV,
+    MAX_CHILDREN,
+    MAX_CODE_BYTES,
+    MAX_EXEC_OUTPUT,
+    MAX_EXEC_TIMEOUT_S,
+    MAX_EXPOSE,
+    MAX_LIFETIME_S,
+    MAX_MEMORY_LIMIT_MIB,
+    MAX_MEMORY_MIB,
+    MAX_METADATA,
+    MAX_METADATA_VALUE,
+    MAX_PATH,
+    MAX_STDIN_BYTES,
+    MAX_TIMEOUT_S,
+    MAX_VCPUS,
+    MAX_WARM_CODE_BYTES,
+    METADATA_KEY_PATTERN,
+    MIN_MEMORY_LIMIT_MIB,
+    MIN_MEMORY_MIB,
+    MIN_VCPUS,
+    ORIGINAL_BRANCH_MODES,
+    TAG_PATTERN,
+)
 
-TAG_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
-ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+__all__ = ["ID_PATTERN", "TAG_PATTERN"]  # re-exported for the routers
+
+
+Metadata = Annotated[
+    dict[Annotated[str, StringConstraints(pattern=METADATA_KEY_PATTERN)],
+         Annotated[str, StringConstraints(max_length=MAX_METADATA_VALUE)]],
+    Field(max_length=MAX_METADATA)]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A request body: unknown fields refused, and no coercion (``"5"`` is not an integer, ``1`` is
+    not a boolean); an integer is still a number for a float field."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class ErrorBody(BaseModel):
@@ -36,9 +69,10 @@ class CreateSnapshotRequest(Strict):
     tag: str = Field(pattern=TAG_PATTERN, description="Snapshot name.")
     memory_mib: int = Field(512, ge=MIN_MEMORY_MIB, le=MAX_MEMORY_MIB, description="Guest RAM in MiB.")
     vcpus: int = Field(1, ge=MIN_VCPUS, le=MAX_VCPUS)
-    warm_code: str | None = Field(None, max_length=1 << 20, description="Python run in the parent before saving.")
-    boot_timeout_s: float = Field(300.0, gt=0, le=3600, description="Seconds to wait for the guest agent.")
-    image: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$",
+    warm_code: str | None = Field(None, max_length=MAX_WARM_CODE_BYTES,
+                                  description="Python run in the parent before saving.")
+    boot_timeout_s: float = Field(300.0, gt=0, le=MAX_TIMEOUT_S, description="Seconds to wait for the guest agent.")
+    image: str | None = Field(None, pattern=IMAGE_NAME_PATTERN,
                               description="A recipe image built with forkd image build --name (default: the "
                                           "built-in Python + numpy image).")
 
@@ -79,15 +113,30 @@ class PendingSnapshot(BaseModel):
 
 class BranchRequest(Strict):
     tag: str | None = Field(None, pattern=TAG_PATTERN, description="Name of the new snapshot (generated if absent).")
-    mode: Literal["auto", "delta", "flat"] = Field(
+    mode: Literal["auto", "delta", "flat", "full", "diff", "live"] = Field(
         "auto", description="delta: pages in the vmstate, maps the base memory.bin; flat: a new memory.bin; "
-                            "auto: delta up to 32 MiB of dirty pages, flat above.")
+                            "auto: delta up to 32 MiB of dirty pages, flat above. The original API's full, diff and "
+                            "live are flat, delta and auto.")
     wait: bool = Field(True, description="false: answer 202 at once; the snapshot's status is `writing` until ready.")
+    diff: bool | None = Field(None, description="The original API's legacy form of mode=diff.")
+    measure_diff: bool | None = Field(None, description="Accepted from the original API; forkd always reports "
+                                                        "dirty_bytes.")
+
+    @model_validator(mode="after")
+    def _original_modes(self) -> BranchRequest:
+        if self.diff and "mode" in self.model_fields_set:
+            raise ValueError("mode and diff cannot be used together")
+        if self.diff:
+            self.mode = "delta"
+        self.mode = ORIGINAL_BRANCH_MODES.get(self.mode, self.mode)  # type: ignore[assignment]  # one of ours
+        return self
 
 
 class BranchResponse(BaseModel):
     tag: str
     status: Literal["ready", "writing"]
+    branched_from: str | None = Field(None, description="The sandbox it was taken from.")
+    bootable: bool = Field(True, description="false while it is being written.")
     mode: str | None = None
     pause_ms: float | None = None
     total_ms: float | None = None
@@ -101,16 +150,30 @@ class CompactRequest(Strict):
 
 class CreateSandboxesRequest(Strict):
     snapshot_tag: str = Field(pattern=TAG_PATTERN)
-    n: int = Field(1, ge=1, le=1000, description="Number of children.")
-    memory_limit_mib: int | None = Field(None, ge=64, le=1 << 20, description="Memory limit per child, MiB.")
+    n: int = Field(1, ge=1, le=MAX_CHILDREN, description="Number of children.")
+    memory_limit_mib: int | None = Field(None, ge=MIN_MEMORY_LIMIT_MIB, le=MAX_MEMORY_LIMIT_MIB,
+                                         description="Memory limit per child, MiB.")
     per_child_netns: bool = Field(False, description="Run child i in network namespace forkd-child-<i>.")
     live_fork: bool = Field(False, description="Accepted for compatibility; every forkd sandbox can be branched.")
+    hugepages: bool = Field(False, description="Accepted for compatibility (the original's live_fork memfd backing); "
+                                               "children map the snapshot's memory file, see docs/api.md.")
+    prewarm: bool = Field(False, description="Accepted for compatibility: a forkd child's first BRANCH is not "
+                                             "slower than its second, see docs/api.md.")
     network: Literal["internet", "none", "user"] = Field(
         "internet", description="internet: outbound to public addresses only, with DNS (never this host, private "
         "or link-local ranges, other sandboxes); none: no network; user: old name of internet.")
-    expose: list[int] = Field(default_factory=list, max_length=16,
+    expose: list[int] = Field(default_factory=list, max_length=MAX_EXPOSE,
                               description="Guest TCP ports to forward from host loopback ports (see `ports`).")
-    timeout_s: float = Field(120.0, gt=0, le=3600, description="Seconds allowed for each child's restore.")
+    timeout_s: float = Field(120.0, gt=0, le=MAX_TIMEOUT_S, description="Seconds allowed for each child's restore.")
+    lifetime_s: float | None = Field(
+        None, gt=0, le=MAX_LIFETIME_S,
+        description="Seconds each sandbox lives before it is killed (extend with POST .../timeout). Default: the "
+                    "daemon's --sandbox-timeout, which is none (until killed) unless configured.")
+    metadata: Metadata = Field(default_factory=dict, description="Labels (string to string) to find sandboxes by.")
+
+
+class TimeoutRequest(Strict):
+    lifetime_s: float = Field(gt=0, le=MAX_LIFETIME_S, description="The sandbox now ends this many seconds from now.")
 
 
 class SandboxInfo(BaseModel):
@@ -126,17 +189,43 @@ class SandboxInfo(BaseModel):
     memory_limit_mib: int | None = None
     netns: str | None = None
     ports: dict[str, int] = Field(default_factory=dict, description="Guest TCP port -> host loopback port.")
+    metadata: dict[str, str] = Field(default_factory=dict)
+    expires_at: float | None = Field(None, description="Unix time the sandbox will be killed; null: never.")
+    # what clients of the original API read
+    created_at_unix: int | None = None
+    guest_addr: str | None = Field(None, description="Always null: the agent is reached through the daemon.")
+    has_branched: bool = False
+    branch_count: int = 0
 
 
 class SpawnEntry(BaseModel):
+    """One child of a spawn. A started one also carries its sandbox's fields at the top level (``id``,
+    ``pid``, ...), which is what the original API answered for each child."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra={"additionalProperties": True})
     index: int
     sandbox: SandboxInfo | None = None
     error: str | None = None
+    id: str | None = Field(None, description="The sandbox's id (as sandbox.id), for clients of the original API.")
 
 
 class EvalRequest(Strict):
-    expr: str = Field(max_length=16 << 20, description="Python expression, evaluated in the warmed interpreter.")
-    timeout_s: float = Field(60.0, gt=0, le=3600)
+    expr: str | None = Field(None, max_length=MAX_CODE_BYTES,
+                             description="Python expression, evaluated in the warmed interpreter.")
+    code: str | None = Field(None, max_length=MAX_CODE_BYTES,
+                             description="The original API's name for expr; the answer then also carries its fields "
+                                         "(result, error as a string, exit_code).")
+    timeout_s: float = Field(60.0, gt=0, le=MAX_TIMEOUT_S)
+
+    @model_validator(mode="after")
+    def _one_expression(self) -> EvalRequest:
+        if (self.expr is None) == (self.code is None):
+            raise ValueError("give exactly one of expr and code")
+        return self
+
+    @property
+    def expression(self) -> str:
+        return self.expr if self.expr is not None else str(self.code)
 
 
 class CodeError(BaseModel):
@@ -150,12 +239,16 @@ class EvalResponse(BaseModel):
     repr: str | None = None
     value: Any = None
     type: str | None = None
-    error: CodeError | None = None
+    error: CodeError | str | None = Field(
+        None, description="What the code raised; a string \"Type: message\" when the request used `code`.")
+    result: str | None = Field(None, description="The original API's answer: the repr (requests with `code`).")
+    exit_code: int | None = Field(None, description="The original API's answer: 0, or 1 if it raised.")
+    traceback: str | None = None
 
 
 class RunCodeRequest(Strict):
-    code: str = Field(max_length=16 << 20, description="Python statements; state persists between calls.")
-    timeout_s: float = Field(60.0, gt=0, le=3600)
+    code: str = Field(max_length=MAX_CODE_BYTES, description="Python statements; state persists between calls.")
+    timeout_s: float = Field(60.0, gt=0, le=MAX_TIMEOUT_S)
 
 
 class RunCodeResponse(BaseModel):
@@ -168,12 +261,32 @@ class RunCodeResponse(BaseModel):
 
 
 class ExecRequest(Strict):
-    argv: list[str] = Field(min_length=1, max_length=4096, description="Program and arguments (no shell).")
+    argv: list[str] | None = Field(None, min_length=1, max_length=MAX_ARGV,
+                                   description="Program and arguments (no shell).")
+    args: list[str] | None = Field(None, min_length=1, max_length=MAX_ARGV, description="The original API's argv.")
     env: dict[str, str] | None = None
     cwd: str | None = None
-    stdin: str | None = Field(None, max_length=64 << 20)
-    timeout_s: float | None = Field(30.0, gt=0, le=86400, description="Seconds; the process group is killed after.")
-    max_output: int = Field(1 << 20, ge=0, le=1 << 20, description="Bytes kept per stream (at most 1 MiB).")
+    stdin: str | None = Field(None, max_length=MAX_STDIN_BYTES)
+    timeout_s: float | None = Field(30.0, gt=0, le=MAX_EXEC_TIMEOUT_S,
+                                     description="Seconds; the process group is killed after.")
+    timeout_secs: int | None = Field(None, gt=0, le=int(MAX_EXEC_TIMEOUT_S),
+                                     description="The original API's timeout_s.")
+
+    @model_validator(mode="after")
+    def _original_names(self) -> ExecRequest:
+        if (self.argv is None) == (self.args is None):
+            raise ValueError("give exactly one of argv and args")
+        if self.timeout_secs is not None:
+            if "timeout_s" in self.model_fields_set:
+                raise ValueError("timeout_s and timeout_secs cannot be used together")
+            self.timeout_s = float(self.timeout_secs)
+        return self
+
+    @property
+    def command(self) -> list[str]:
+        return list(self.argv if self.argv is not None else self.args or [])
+    max_output: int = Field(MAX_EXEC_OUTPUT, ge=0, le=MAX_EXEC_OUTPUT,
+                            description="Bytes kept per stream (at most 1 MiB).")
 
 
 class ExecResponse(BaseModel):
@@ -192,6 +305,22 @@ class PingResponse(BaseModel):
     python: str | None = None
     numpy: str | None = None
     uptime_s: float | None = None
+    pid: int | None = Field(None, description="The agent's pid in the guest (1: it is the init).")
+    time: float | None = Field(None, description="The guest's clock, unix seconds.")
+    # what clients of the original API read
+    pong: bool = True
+    numpy_version: str | None = Field(None, description="numpy's version, or \"not-installed\".")
+    agent_lang: str = "python"
+    warmup_ready: bool = True
+
+
+class InterruptResponse(BaseModel):
+    """What ``interrupt`` reached: running eval/run_code calls, how many stopped within the grace
+    time, how many did not (blocked in C code; the sandbox answers new requests all the same)."""
+
+    found: int
+    stopped: int
+    stuck: int
 
 
 class FileEntry(BaseModel):
@@ -212,5 +341,5 @@ class WriteResult(BaseModel):
 
 
 class MkdirRequest(Strict):
-    path: str = Field(min_length=1, max_length=4096)
+    path: str = Field(min_length=1, max_length=MAX_PATH)
     parents: bool = True

@@ -37,6 +37,12 @@ class Busy(ForkdError):
     """Too many operations of a kind in flight (503)."""
 
 
+#: ended sandboxes remembered (why they ended), newest kept
+MAX_ENDED = 1000
+#: how often expired lifetimes are looked for, seconds
+REAP_INTERVAL_S = 1.0
+
+
 @dataclass
 class Sandbox:
     child: Child
@@ -47,6 +53,9 @@ class Sandbox:
     from_pool: bool = False
     created_at: float = field(default_factory=time.time)
     ports: dict[str, int] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+    expires_at: float | None = None  # unix time; None: lives until killed
+    branch_count: int = 0
 
     @property
     def id(self) -> str:
@@ -56,19 +65,29 @@ class Sandbox:
         return {"id": self.id, "snapshot_tag": self.child.snapshot, "pid": self.child.pid,
                 "workdir": str(self.child.vm.workdir.path), "created_at": self.created_at,
                 "network": self.network, "memory_limit_mib": self.memory_limit_mib, "netns": self.netns,
-                "ready_ms": self.ready_ms, "from_pool": self.from_pool, "ports": self.ports}
+                "ready_ms": self.ready_ms, "from_pool": self.from_pool, "ports": self.ports,
+                "metadata": self.metadata, "expires_at": self.expires_at, "branch_count": self.branch_count}
+
+    def matches(self, metadata: dict[str, str]) -> bool:
+        return all(self.metadata.get(k) == v for k, v in metadata.items())
 
     def info(self) -> dict[str, Any]:
         status = self.child.vm.exit_status()
-        return {**self.record(), "status": "running" if status is None else "exited", "exit_reason": status}
+        return {**self.record(), "status": "running" if status is None else "exited", "exit_reason": status,
+                "created_at_unix": int(self.created_at), "guest_addr": None, "has_branched": self.branch_count > 0}
 
 
 class Controller:
-    def __init__(self, engine: Engine, state: StateFile, pool_size: int = 0) -> None:
+    def __init__(self, engine: Engine, state: StateFile, pool_size: int = 0,
+                 default_lifetime_s: float | None = None) -> None:
         self.engine = engine
         self.state = state
         self.pool_size = pool_size
+        self.default_lifetime_s = default_lifetime_s  # --sandbox-timeout; None: sandboxes live until killed
         self._sandboxes: dict[str, Sandbox] = {}
+        self._ended: dict[str, dict[str, Any]] = {}  # id -> {"reason", "ended_at", "snapshot_tag"}
+        self._stop = threading.Event()
+        self._reaper: threading.Thread | None = None
         self._lock = threading.RLock()
         self._spawn_lock = threading.Lock()
         self.branch_concurrency = 4
@@ -81,6 +100,7 @@ class Controller:
         """Re-adopt recorded sandboxes whose QEMU is alive and really is theirs; prune the rest; kill
         orphans (VMs in our run dir that no record owns, e.g. pool members of a crashed daemon)."""
         recorded = self.state.load()
+        self._ended = self.state.load_ended()
         adopted, pruned, orphans = [], [], []
         for sid, rec in recorded.items():
             workdir = Path(str(rec.get("workdir", "")))
@@ -103,7 +123,8 @@ class Controller:
             self._sandboxes[sid] = Sandbox(
                 child=child, network=str(rec.get("network", "internet")), memory_limit_mib=rec.get("memory_limit_mib"),
                 netns=rec.get("netns"), ready_ms=rec.get("ready_ms"), from_pool=bool(rec.get("from_pool")),
-                ports=dict(rec.get("ports") or {}),
+                ports=dict(rec.get("ports") or {}), metadata=_str_dict(rec.get("metadata")),
+                expires_at=_float_or_none(rec.get("expires_at")), branch_count=int(rec.get("branch_count") or 0),
                 created_at=float(rec.get("created_at", time.time())))
             adopted.append(sid)
         for r in recorded_vms(self.engine.run_dir):
@@ -112,11 +133,47 @@ class Controller:
                     self.engine.adopt(r.workdir.path).kill()
                 orphans.append(str(r.meta.get("id")))
         sweep(self.engine.run_dir, self.engine.store)
+        expired = self.reap()  # lifetimes that ran out while the daemon was down
         self._save()
-        return {"adopted": adopted, "pruned": pruned, "orphans_killed": orphans}
+        return {"adopted": adopted, "pruned": pruned, "orphans_killed": orphans, "expired": expired}
+
+    def start_reaper(self) -> None:
+        """Kill sandboxes whose lifetime ran out, once a second, on a thread of its own."""
+        def loop() -> None:
+            while not self._stop.wait(REAP_INTERVAL_S):
+                try:
+                    self.reap()
+                except Exception:  # never let the reaper die
+                    log.exception("reaping expired sandboxes failed")
+        self._reaper = threading.Thread(target=loop, name="forkd-reaper", daemon=True)
+        self._reaper.start()
+
+    def reap(self, now: float | None = None) -> list[str]:
+        """Kill every sandbox whose lifetime has run out and remember why. Returns their ids."""
+        now = time.time() if now is None else now
+        with self._lock:
+            due = [sb for sb in self._sandboxes.values() if sb.expires_at is not None and sb.expires_at <= now]
+            for sb in due:
+                lifetime = sb.expires_at - sb.created_at if sb.expires_at is not None else 0
+                self._end(sb, f"its lifetime ran out at {_iso(sb.expires_at)} ({lifetime:.0f} s after it started)")
+            if due:
+                self._save()
+        for sb in due:
+            log.info("sandbox %s expired", sb.id)
+            with contextlib.suppress(Exception):
+                sb.child.kill()
+        return [sb.id for sb in due]
+
+    def _end(self, sb: Sandbox, reason: str) -> None:
+        self._sandboxes.pop(sb.id, None)
+        self._ended[sb.id] = {"reason": reason, "ended_at": time.time(), "snapshot_tag": sb.child.snapshot,
+                              "metadata": sb.metadata}
+        while len(self._ended) > MAX_ENDED:  # the oldest goes (state.json keeps keys sorted, not in order)
+            self._ended.pop(min(self._ended, key=lambda k: float(self._ended[k].get("ended_at") or 0)))
 
     def shutdown(self) -> None:
         """Stop pools and let go of the sandboxes: their VMs keep running for the next start-up."""
+        self._stop.set()
         self.engine.close_pools()
         with self._lock:
             for sb in self._sandboxes.values():
@@ -125,7 +182,7 @@ class Controller:
 
     def _save(self) -> None:
         with self._lock:
-            self.state.save({sid: sb.record() for sid, sb in self._sandboxes.items()})
+            self.state.save({sid: sb.record() for sid, sb in self._sandboxes.items()}, self._ended)
 
     # -- snapshots
     def _describe(self, snap_summary: dict[str, Any], chain: bool) -> dict[str, Any]:
@@ -206,7 +263,10 @@ class Controller:
                 self._branch_slots.release()
             with self._lock:
                 self._pending.pop(tag, None)
-            return {**res.to_json(), "status": "ready"}
+                if (sb := self._sandboxes.get(sid)) is not None:
+                    sb.branch_count += 1
+                    self._save()
+            return {**res.to_json(), "status": "ready", "branched_from": sid, "bootable": True}
 
         if wait:
             try:
@@ -219,7 +279,7 @@ class Controller:
                 work()
 
         threading.Thread(target=background, name=f"branch-{tag}", daemon=True).start()
-        return {"tag": tag, "status": "writing"}, False
+        return {"tag": tag, "status": "writing", "branched_from": sid, "bootable": False}, False
 
     def users_of(self, tag: str) -> int:
         with self._lock:
@@ -227,8 +287,12 @@ class Controller:
 
     # -- sandboxes
     def spawn(self, tag: str, n: int, network: str, memory_limit_mib: int | None, per_child_netns: bool,
-              timeout_s: float, expose: tuple[int, ...] = ()) -> list[dict[str, Any]]:
+              timeout_s: float, expose: tuple[int, ...] = (), lifetime_s: float | None = None,
+              metadata: dict[str, str] | None = None) -> list[dict[str, Any]]:
+        """Fork ``n`` children. ``lifetime_s``: seconds each lives (None: the daemon's default, which is
+        none unless --sandbox-timeout set one); ``metadata``: labels to find them by."""
         validate_tag(tag)
+        lifetime = lifetime_s if lifetime_s is not None else self.default_lifetime_s
         if self.pool_size > 0 and network in ("internet", "user"):
             self.engine.start_pool(tag, self.pool_size)
         # netns numbers are picked from the live children, so spawns that use them go one at a time
@@ -244,25 +308,39 @@ class Controller:
                 sb = Sandbox(child=r.child, network=network, memory_limit_mib=memory_limit_mib,
                              netns=r.child.vm.meta.get("netns"), ports=dict(r.child.vm.meta.get("ports") or {}),
                              ready_ms=None if r.child.ready_s is None else round(r.child.ready_s * 1000, 2),
-                             from_pool=r.child.from_pool)
+                             from_pool=r.child.from_pool, metadata=dict(metadata or {}))
+                sb.expires_at = None if lifetime is None else sb.created_at + lifetime
                 self._sandboxes[sb.id] = sb
                 if self.spawn_observer is not None and r.child.ready_s is not None:
                     self.spawn_observer(r.child.ready_s)
-                out.append({"index": r.index, "sandbox": sb.info(), "error": None})
+                info = sb.info()
+                out.append({**info, "index": r.index, "sandbox": info, "error": None})  # flat: the original's
             self._save()
         return out
 
-    def list_sandboxes(self) -> list[dict[str, Any]]:
+    def list_sandboxes(self, metadata: dict[str, str] | None = None) -> list[dict[str, Any]]:
+        """The live sandboxes (those whose labels include every ``metadata`` pair)."""
         with self._lock:
-            return [sb.info() for sb in self._sandboxes.values()]
+            return [sb.info() for sb in self._sandboxes.values() if sb.matches(metadata or {})]
 
     def get(self, sid: str) -> Sandbox:
         validate_child_id(sid)
         with self._lock:
             sb = self._sandboxes.get(sid)
+            ended = self._ended.get(sid)
         if sb is None:
+            if ended is not None:
+                raise NotFound(f"sandbox {sid} is gone: {ended['reason']}")
             raise NotFound(f"sandbox {sid} not found")
         return sb
+
+    def set_lifetime(self, sid: str, lifetime_s: float) -> dict[str, Any]:
+        """The sandbox now ends ``lifetime_s`` seconds from now (longer or shorter than before)."""
+        sb = self.get(sid)
+        with self._lock:
+            sb.expires_at = time.time() + lifetime_s
+            self._save()
+        return sb.info()
 
     def running(self, sid: str) -> Child:
         """The child of a running sandbox; Conflict if its VM has exited."""
@@ -275,7 +353,7 @@ class Controller:
     def delete(self, sid: str) -> None:
         sb = self.get(sid)
         with self._lock:
-            self._sandboxes.pop(sid, None)
+            self._end(sb, f"it was killed at {_iso(time.time())}")
             self._save()
         sb.child.kill()
 
@@ -290,3 +368,15 @@ class Controller:
     def active_count(self) -> int:
         with self._lock:
             return sum(1 for sb in self._sandboxes.values() if sb.child.alive())
+
+
+def _iso(t: float | None) -> str:
+    return "never" if t is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def _str_dict(v: object) -> dict[str, str]:
+    return {str(k): str(x) for k, x in v.items()} if isinstance(v, dict) else {}
+
+
+def _float_or_none(v: object) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None

@@ -31,7 +31,18 @@ class StateFile:
         sb = d.get("sandboxes", {})
         return {k: v for k, v in sb.items() if isinstance(v, dict)}
 
-    def save(self, sandboxes: dict[str, dict[str, Any]]) -> None:
+    def load_ended(self) -> dict[str, dict[str, Any]]:
+        """The sandboxes that ended (killed, expired) and why, oldest first."""
+        try:
+            d = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        ended = d.get("ended", {}) if isinstance(d, dict) else {}
+        return {k: v for k, v in ended.items() if isinstance(v, dict) and isinstance(v.get("reason"), str)} \
+            if isinstance(ended, dict) else {}
+
+    def save(self, sandboxes: dict[str, dict[str, Any]], ended: dict[str, dict[str, Any]] | None = None) -> None:
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(self.path, {"version": VERSION, "sandboxes": sandboxes}, mode=0o600)
+            atomic_write_json(self.path, {"version": VERSION, "sandboxes": sandboxes, "ended": ended or {}},
+                              mode=0o600)

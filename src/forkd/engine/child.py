@@ -14,10 +14,12 @@ from typing import Any
 from forkd.engine.channel import EXEC_OUTPUT_MAX, READ_CHUNK, AgentChannel
 from forkd.engine.stats import smaps_rollup
 from forkd.engine.vm import VMProcess
-from forkd.errors import FileTooLargeError, ForkdError
+from forkd.errors import AgentError, AgentTimeoutError, FileTooLargeError, ForkdError
 
 # Bytes per file_write request: base64 keeps each request line far below the agent's 64 MiB limit.
 WRITE_CHUNK = 16 << 20
+# Seconds a timed-out eval/run_code is given to stop once interrupted.
+INTERRUPT_GRACE = 2.0
 # The most read_file / iter_file return by default.
 MAX_FILE_BYTES = 256 << 20
 
@@ -144,12 +146,47 @@ class Child:
         return self.vm.channel.call("ping", reply_timeout=timeout)
 
     def eval(self, expr: str, timeout: float = 60.0) -> dict[str, Any]:
-        """Evaluate an expression in the warmed interpreter: ``{"repr", "value", "type"}``."""
-        return self.vm.channel.call("eval", reply_timeout=timeout, expr=expr)
+        """Evaluate an expression in the warmed interpreter: ``{"repr", "value", "type"}``. Past
+        ``timeout`` (seconds) the code is interrupted in the guest and AgentTimeoutError says how."""
+        return self._interruptible("eval", timeout, expr=expr)
 
     def run_code(self, code: str, timeout: float = 60.0) -> dict[str, Any]:
-        """Run statements with state kept between calls: ``{"stdout", "stderr", "repr", "value"}``."""
-        return self.vm.channel.call("run_code", reply_timeout=timeout, code=code)
+        """Run statements with state kept between calls: ``{"stdout", "stderr", "repr", "value"}``.
+        Past ``timeout`` (seconds) the code is interrupted, as for :meth:`eval`."""
+        return self._interruptible("run_code", timeout, code=code)
+
+    def interrupt(self, run: str | None = None, grace: float = INTERRUPT_GRACE) -> dict[str, Any]:
+        """Raise KeyboardInterrupt in the guest's running eval/run_code (``run``: one of them; default:
+        all) and wait up to ``grace`` seconds: ``{"found", "stopped", "stuck"}``. Stuck code (blocked
+        in C) keeps running on its own; the sandbox answers new requests all the same."""
+        try:
+            return self.vm.channel.call("interrupt", reply_timeout=grace + 30.0, run=run, grace=grace)
+        except AgentError as e:
+            if e.type == "UnknownOp":
+                raise AgentError("interrupt", "UnknownOp", "this sandbox's agent predates interrupts (its "
+                                 "snapshot was made by an older forkd); re-create the snapshot") from None
+            raise
+
+    def _interruptible(self, op: str, timeout: float, **args: Any) -> dict[str, Any]:
+        token = secrets.token_hex(8)
+        channel = self.vm.channel
+        fut = channel.submit(op, run=token, **args)
+        try:
+            return channel.result(op, fut, timeout)
+        except AgentTimeoutError:
+            try:
+                outcome = self.interrupt(token)
+            except ForkdError as e:
+                raise AgentTimeoutError(f"{op} did not finish within {timeout} s and could not be interrupted "
+                                        f"({e})") from None
+            if outcome.get("stuck"):
+                how = ("it was interrupted but did not stop (blocked in C code?): it keeps running on its own "
+                       "thread; the sandbox answers new requests")
+            elif outcome.get("stopped"):
+                how = "it was interrupted (KeyboardInterrupt); the sandbox is ready for the next request"
+            else:
+                how = "it had finished by the time it was interrupted"
+            raise AgentTimeoutError(f"{op} did not finish within {timeout} s: {how}") from None
 
     def exec(self, argv: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
              stdin: str | bytes | None = None, timeout: float | None = 30.0,

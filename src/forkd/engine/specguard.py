@@ -14,9 +14,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from forkd.errors import SnapshotInvalidError
+from forkd.limits import MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB, MIN_VCPUS
 
-MIN_MEMORY_MIB, MAX_MEMORY_MIB = 128, 65536
-MIN_VCPUS, MAX_VCPUS = 1, 64
 MACHINES = ("microvm",)
 # the options this version writes (pit=off: TCG with a known TSC rate; without it: KVM, or a host whose
 # TSC rate could not be measured), then those of versions before mem-merge=off (still restorable)

@@ -8,6 +8,7 @@ its response into a result. ``sync.py`` and ``aio.py`` only send calls (``httpx.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -15,6 +16,16 @@ from urllib.parse import quote
 
 import httpx
 
+from forkd.limits import (
+    BRANCH_MODES,
+    MAX_CHILDREN,
+    MAX_EXPOSE,
+    MAX_LIFETIME_S,
+    MAX_METADATA,
+    MAX_METADATA_VALUE,
+    METADATA_KEY_PATTERN,
+    NETWORKS,
+)
 from forkd.sdk._config import Endpoint, Verify, resolve, timeout_config
 from forkd.sdk.errors import (
     APIConnectionError,
@@ -31,7 +42,9 @@ from forkd.sdk.models import (
     EvalResult,
     Execution,
     FileEntry,
+    InterruptResult,
     Model,
+    PendingSnapshot,
     PingResult,
     SandboxInfo,
     SnapshotInfo,
@@ -49,9 +62,7 @@ SNAPSHOT_MARGIN = 300.0
 """Seconds added to ``boot_timeout`` for the rest of a snapshot's creation (warming, saving memory)."""
 UPLOAD_CHUNK = 1 << 20
 """Bytes per write of a request body (one big write is quadratic in httpcore's sync socket stream)."""
-MAX_CHILDREN = 1000
-NETWORKS = ("internet", "none", "user")  # "user": the old name of "internet"
-Params = dict[str, str | int | float | bool]
+Params = dict[str, str | int | float | bool | list[str]]  # a list: the parameter repeated
 
 
 class _UseDefault:
@@ -226,12 +237,14 @@ def check_int(value: object, name: str, lo: int, hi: int | None = None) -> int:
     return value
 
 
-def seconds(value: object, name: str = "timeout") -> float:
-    """A positive, finite number of seconds."""
+def seconds(value: object, name: str = "timeout", most: float | None = None) -> float:
+    """A positive, finite number of seconds (at most ``most``)."""
     if not isinstance(value, int | float) or isinstance(value, bool):
         raise TypeError(f"{name}: expected seconds as a number, got {type(value).__name__}")
     if not value > 0 or not math.isfinite(value):
         raise ValueError(f"{name}: must be a positive number of seconds, got {value!r}")
+    if most is not None and value > most:
+        raise ValueError(f"{name}: at most {most:g} seconds, got {value!r}")
     return float(value)
 
 
@@ -300,8 +313,8 @@ def op_compact(tag: str, to: str) -> Call[SnapshotInfo]:
 
 
 def op_branch(sandbox_id: str, tag: str | None, mode: str, wait: bool) -> Call[BranchResult]:
-    if mode not in ("auto", "delta", "flat"):
-        raise ValueError(f"mode: must be 'auto', 'delta' or 'flat', got {mode!r}")
+    if mode not in BRANCH_MODES:
+        raise ValueError(f"mode: must be one of {', '.join(map(repr, BRANCH_MODES))}, got {mode!r}")
     body: dict[str, Any] = {"mode": mode, "wait": bool(wait)}
     if tag is not None:
         check_str(tag, "tag", empty=False)
@@ -313,7 +326,8 @@ def op_branch(sandbox_id: str, tag: str | None, mode: str, wait: bool) -> Call[B
 
 
 def op_spawn(snapshot_tag: str, n: int, network: str, memory_limit_mib: int | None, per_child_netns: bool,
-             timeout: float) -> Call[list[SpawnEntry]]:
+             timeout: float, expose: Sequence[int] = (), lifetime: float | None = None,
+             metadata: Mapping[str, str] | None = None) -> Call[list[SpawnEntry]]:
     check_str(snapshot_tag, "snapshot_tag", empty=False)
     check_int(n, "n", 1, MAX_CHILDREN)
     if network not in NETWORKS:
@@ -321,8 +335,20 @@ def op_spawn(snapshot_tag: str, n: int, network: str, memory_limit_mib: int | No
     if memory_limit_mib is not None:
         check_int(memory_limit_mib, "memory_limit_mib", 1)
     t = seconds(timeout)
-    body = {"snapshot_tag": snapshot_tag, "n": n, "network": network, "memory_limit_mib": memory_limit_mib,
-            "per_child_netns": bool(per_child_netns), "timeout_s": t}
+    ports = list(expose)
+    for port in ports:
+        check_int(port, "expose", 1, 65535)
+    if len(ports) > MAX_EXPOSE:
+        raise ValueError(f"expose: at most {MAX_EXPOSE} ports")
+    body: dict[str, object] = {"snapshot_tag": snapshot_tag, "n": n, "network": network,
+                               "memory_limit_mib": memory_limit_mib, "per_child_netns": bool(per_child_netns),
+                               "timeout_s": t}
+    if ports:
+        body["expose"] = ports
+    if metadata:
+        body["metadata"] = labels(metadata)
+    if lifetime is not None:
+        body["lifetime_s"] = seconds(lifetime, "lifetime", MAX_LIFETIME_S)
     # ``timeout`` bounds each child's restore and children restore a few at a time, so n * timeout bounds
     # the request: giving up earlier would leave started sandboxes that nobody knows the ids of.
     return Call("POST", "/v1/sandboxes", lambda r: [SpawnEntry.from_dict(x) for x in list_of(json_of(r))],
@@ -357,8 +383,32 @@ def spawn_or_raise(results: Sequence[S | SpawnError[S]]) -> list[S]:
     return started
 
 
-def op_list_sandboxes() -> Call[list[SandboxInfo]]:
-    return Call("GET", "/v1/sandboxes", models(SandboxInfo))
+def labels(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    """``metadata`` checked as the controller will (string keys and values within the limits)."""
+    out = dict(metadata or {})
+    if len(out) > MAX_METADATA:
+        raise ValueError(f"metadata: at most {MAX_METADATA} labels")
+    for k, v in out.items():
+        if not isinstance(k, str) or not re.fullmatch(METADATA_KEY_PATTERN, k):
+            raise ValueError(f"metadata: key {k!r} must match {METADATA_KEY_PATTERN}")
+        if not isinstance(v, str) or len(v) > MAX_METADATA_VALUE:
+            raise ValueError(f"metadata: the value of {k} must be a string of at most {MAX_METADATA_VALUE} characters")
+    return out
+
+
+def op_list_sandboxes(metadata: Mapping[str, str] | None = None) -> Call[list[SandboxInfo]]:
+    want = labels(metadata)
+    params: Params | None = {"metadata": [f"{k}:{v}" for k, v in want.items()]} if want else None
+    return Call("GET", "/v1/sandboxes", models(SandboxInfo), params=params)
+
+
+def op_pending_snapshots() -> Call[list[PendingSnapshot]]:
+    return Call("GET", "/v1/snapshots/pending", models(PendingSnapshot))
+
+
+def op_set_timeout(sandbox_id: str, lifetime: float) -> Call[SandboxInfo]:
+    return Call("POST", sandbox_path(sandbox_id, "/timeout"), model(SandboxInfo),
+                json={"lifetime_s": seconds(lifetime, "lifetime", MAX_LIFETIME_S)})
 
 
 def sandbox_path(sandbox_id: str, rest: str = "") -> str:
@@ -375,6 +425,10 @@ def op_kill(sandbox_id: str) -> Call[None]:
 
 def op_ping(sandbox_id: str) -> Call[PingResult]:
     return Call("POST", sandbox_path(sandbox_id, "/ping"), model(PingResult))
+
+
+def op_interrupt(sandbox_id: str) -> Call[InterruptResult]:
+    return Call("POST", sandbox_path(sandbox_id, "/interrupt"), model(InterruptResult))
 
 
 def op_eval(sandbox_id: str, expr: str, timeout: float) -> Call[EvalResult]:

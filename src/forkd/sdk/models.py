@@ -17,7 +17,9 @@ __all__ = [
     "EvalResult",
     "Execution",
     "FileEntry",
+    "InterruptResult",
     "Model",
+    "PendingSnapshot",
     "PingResult",
     "SandboxInfo",
     "SnapshotInfo",
@@ -121,6 +123,11 @@ class SandboxInfo(Model):
     network: str = "user"
     memory_limit_mib: int | None = None
     netns: str | None = None
+    ports: dict[str, int] = field(default_factory=dict)
+    """Guest TCP port (as a string) -> host loopback port, for the ports asked with ``expose``."""
+    metadata: dict[str, str] = field(default_factory=dict)
+    expires_at: float | None = None
+    """Unix time the controller kills it (``None``: never; see :meth:`Sandbox.set_timeout`)."""
 
     @property
     def running(self) -> bool:
@@ -145,6 +152,24 @@ class SpawnEntry:
         if info is None and err is None:
             err = "the controller reported neither a sandbox nor an error"
         return cls(index=index, sandbox=info, error=None if err is None else str(err))
+
+
+@dataclass(frozen=True)
+class PendingSnapshot(Model):
+    """A branch snapshot still being written (``status="writing"``) or that failed (``error``)."""
+
+    tag: str
+    status: str = "writing"
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class InterruptResult(Model):
+    """What :meth:`Sandbox.interrupt` reached: running calls found, stopped, and stuck in C code."""
+
+    found: int = 0
+    stopped: int = 0
+    stuck: int = 0
 
 
 @dataclass(frozen=True)

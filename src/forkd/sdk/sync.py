@@ -30,6 +30,8 @@ from forkd.sdk.models import (
     EvalResult,
     Execution,
     FileEntry,
+    InterruptResult,
+    PendingSnapshot,
     PingResult,
     SandboxInfo,
     SnapshotInfo,
@@ -124,44 +126,64 @@ class Controller(b.BaseController):
     @overload
     def spawn_sandboxes(self, snapshot_tag: str, n: int = 1, *, network: str = "internet",
                         memory_limit_mib: int | None = None, per_child_netns: bool = False, timeout: float = 120.0,
+                        expose: Sequence[int] = (), lifetime: float | None = None,
+                        metadata: Mapping[str, str] | None = None,
                         return_exceptions: Literal[False] = False) -> list[Sandbox]: ...
 
     @overload
     def spawn_sandboxes(self, snapshot_tag: str, n: int = 1, *, network: str = "internet",
                         memory_limit_mib: int | None = None, per_child_netns: bool = False, timeout: float = 120.0,
+                        expose: Sequence[int] = (), lifetime: float | None = None,
+                        metadata: Mapping[str, str] | None = None,
                         return_exceptions: Literal[True]) -> list[Sandbox | SpawnError[Sandbox]]: ...
 
     @overload
     def spawn_sandboxes(self, snapshot_tag: str, n: int = 1, *, network: str = "internet",
                         memory_limit_mib: int | None = None, per_child_netns: bool = False, timeout: float = 120.0,
+                        expose: Sequence[int] = (), lifetime: float | None = None,
+                        metadata: Mapping[str, str] | None = None,
                         return_exceptions: bool) -> list[Sandbox] | list[Sandbox | SpawnError[Sandbox]]: ...
 
     def spawn_sandboxes(self, snapshot_tag: str, n: int = 1, *, network: str = "internet",
                         memory_limit_mib: int | None = None, per_child_netns: bool = False, timeout: float = 120.0,
+                        expose: Sequence[int] = (), lifetime: float | None = None,
+                        metadata: Mapping[str, str] | None = None,
                         return_exceptions: bool = False) -> list[Sandbox] | list[Sandbox | SpawnError[Sandbox]]:
         """Fork ``n`` (1..1000) sandboxes from snapshot ``snapshot_tag``, in one request.
 
         ``network`` is ``"internet"`` (public addresses only, with DNS; never this host or private ranges)
         or ``"none"``; ``timeout`` the seconds allowed for
         each child's restore (children restore a few at a time, so the request may take up to
-        ``n * timeout + 30`` seconds). Each child succeeds or fails on its own: if any fails, :class:`SpawnError`
-        is raised with the ones that started in ``.sandboxes`` (still running: kill them or use them) and
-        ``(index, message)`` pairs in ``.errors``. With ``return_exceptions=True`` nothing is raised for
+        ``n * timeout + 30`` seconds). ``expose`` lists guest TCP ports to forward from host loopback ports
+        (``info.ports``); ``lifetime`` is the seconds each sandbox lives before the controller kills it
+        (None: the controller's default, until killed unless configured; extend it with
+        :meth:`Sandbox.set_timeout`); ``metadata`` labels them (``list_sandboxes(metadata=...)`` finds them).
+        Each child succeeds or fails on its own: if any fails, :class:`SpawnError` is raised with the ones
+        that started in ``.sandboxes`` (still running: kill them or use them) and ``(index, message)`` pairs
+        in ``.errors``. With ``return_exceptions=True`` nothing is raised for
         failed children: the list holds a ``SpawnError`` in place of each, in request order.
         """
-        call = b.op_spawn(snapshot_tag, n, network, memory_limit_mib, per_child_netns, timeout)
+        call = b.op_spawn(snapshot_tag, n, network, memory_limit_mib, per_child_netns, timeout, expose,
+                          lifetime, metadata)
         results = b.spawn_results(self._request(call), lambda info: Sandbox(self, info))
         return results if return_exceptions else b.spawn_or_raise(results)
 
-    def spawn_sandbox(self, snapshot_tag: str, *, network: str = "internet", memory_limit_mib: int | None = None,
-                      per_child_netns: bool = False, timeout: float = 120.0) -> Sandbox:
+    def spawn_sandbox(self, snapshot_tag: str, *, network: str = "internet",
+                      memory_limit_mib: int | None = None, per_child_netns: bool = False, timeout: float = 120.0,
+                      expose: Sequence[int] = (), lifetime: float | None = None,
+                      metadata: Mapping[str, str] | None = None) -> Sandbox:
         """Fork one sandbox (see :meth:`spawn_sandboxes`); SpawnError if it failed to start."""
-        return self.spawn_sandboxes(snapshot_tag, 1, network=network, memory_limit_mib=memory_limit_mib,
-                                    per_child_netns=per_child_netns, timeout=timeout)[0]
+        return (self.spawn_sandboxes(snapshot_tag, 1, network=network, memory_limit_mib=memory_limit_mib,
+                                    per_child_netns=per_child_netns, timeout=timeout, expose=expose,
+                                    lifetime=lifetime, metadata=metadata))[0]
 
-    def list_sandboxes(self) -> list[Sandbox]:
-        """Every sandbox the controller manages (running or exited)."""
-        return [Sandbox(self, info) for info in self._request(b.op_list_sandboxes())]
+    def list_sandboxes(self, *, metadata: Mapping[str, str] | None = None) -> list[Sandbox]:
+        """Every sandbox the controller manages, or those labelled with all of ``metadata``."""
+        return [Sandbox(self, info) for info in self._request(b.op_list_sandboxes(metadata))]
+
+    def list_pending_snapshots(self) -> list[PendingSnapshot]:
+        """Branch snapshots being written (``wait=False``) or that failed."""
+        return self._request(b.op_pending_snapshots())
 
     def get_sandbox(self, sandbox_id: str) -> Sandbox:
         """The sandbox with that id; NotFoundError if there is none."""
@@ -206,6 +228,12 @@ class Sandbox(b.BaseSandbox):
         self._info = self._request(b.op_get_sandbox(self.id))
         return self._info
 
+    def set_timeout(self, lifetime: float) -> SandboxInfo:
+        """Kill this sandbox ``lifetime`` seconds from now (instead of when it was due); the new
+        ``info.expires_at`` is returned."""
+        self._info = self._request(b.op_set_timeout(self.id, lifetime))
+        return self._info
+
     def kill(self) -> None:
         """Kill the VM and remove its files. Idempotent: killing a sandbox that is gone is not an error."""
         with contextlib.suppress(NotFoundError):
@@ -215,6 +243,12 @@ class Sandbox(b.BaseSandbox):
         """Snapshot this running sandbox as ``tag`` (generated when None); it keeps running. ``mode`` is
         delta, flat or auto; with ``wait=False`` the call returns at once (status ``writing``)."""
         return self._request(b.op_branch(self.id, tag, mode, wait))
+
+    def interrupt(self) -> InterruptResult:
+        """Interrupt the running ``eval``/``run_code`` calls (KeyboardInterrupt in the guest); the daemon
+        waits up to 2 seconds for them to stop. Code blocked in C is counted as ``stuck``: it keeps
+        running, and the sandbox still answers new calls."""
+        return self._request(b.op_interrupt(self.id))
 
     def ping(self) -> PingResult:
         """Ask the guest agent for its versions and uptime."""
@@ -226,8 +260,8 @@ class Sandbox(b.BaseSandbox):
         Returns the value as JSON (lists for tuples and arrays' ``.tolist()``, ...) when the guest could
         serialize it, else its ``repr`` string. Raises :class:`CodeError` if the expression raised.
 
-        ``timeout`` is in seconds: after it, GatewayTimeoutError. The code is not interrupted: it keeps
-        running in the guest, and later ``eval``/``run_code`` calls wait for it to finish.
+        ``timeout`` is in seconds: after it the code is interrupted in the guest (KeyboardInterrupt) and
+        GatewayTimeoutError says whether it stopped; the sandbox answers the next call either way.
         """
         return self.eval_result(expr, timeout=timeout).python_value()
 
@@ -239,7 +273,7 @@ class Sandbox(b.BaseSandbox):
         """Run Python statements (state persists between calls): stdout, stderr and the last expression.
 
         Raises :class:`CodeError` (with the traceback and the output so far) if the code raised.
-        ``timeout`` is in seconds, as for :meth:`eval` (GatewayTimeoutError; the code keeps running).
+        ``timeout`` is in seconds, as for :meth:`eval` (interrupted, then GatewayTimeoutError).
         """
         return self._request(b.op_run_code(self.id, code, timeout))
 
