@@ -158,6 +158,7 @@ def test_metrics_agree_with_the_api(daemon: Daemon, snapshot: str) -> None:
         assert f"forkd_snapshots_total {float(snaps)}" in text
         assert 'forkd_build_info{version="' in text and "forkd_spawn_seconds_count" in text
         assert "forkd_http_request_duration_seconds" in text
+        assert "forkd_branches_in_flight 0.0" in text and "forkd_branch_concurrency_cap 4.0" in text
         for s in sids:
             c.delete(f"/v1/sandboxes/{s}")
 
@@ -393,3 +394,19 @@ def test_lifetime_runs_out_while_the_daemon_is_down(daemon: Daemon, snapshot: st
     daemon.restart()  # the reason survives another restart
     with daemon.client() as c:
         assert "lifetime ran out" in _gone(c, sb["id"], timeout=10)
+
+
+def test_unbootable_snapshots_are_listed_with_why(daemon: Daemon, engine) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+
+    broken = engine.store.root / "broken-one"
+    broken.mkdir()
+    (broken / "snapshot.json").write_text("{not json")
+    try:
+        with daemon.client() as c:
+            entry = next(s for s in c.get("/v1/snapshots").json() if s["tag"] == "broken-one")
+            assert entry["bootable"] is False and entry["status"] == "failed"
+            assert entry["warning"].startswith("snapshot is not bootable:")
+            assert all(s["bootable"] for s in c.get("/v1/snapshots").json() if s["tag"] != "broken-one")
+    finally:
+        shutil.rmtree(broken)

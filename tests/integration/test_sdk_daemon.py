@@ -173,3 +173,38 @@ def test_timed_out_code_is_interrupted_and_the_sandbox_answers_again(ctl: Contro
         r = sb.interrupt()
         assert (r.found, r.stuck) == (1, 1)  # the sleeper is still there
         assert sb.interrupt().found == 1 and sb.ping().agent_version == "2"
+
+
+def test_streamed_command_delivers_output_before_it_ends(ctl: Controller, snapshot: str) -> None:
+    """The command waits for a file that the test writes only once the first line has arrived: it can
+    finish only if its output is streamed."""
+    with ctl.spawn_sandbox(snapshot, timeout=TIMEOUT) as sb:
+        seen: list[str] = []
+        errs: list[str] = []
+
+        def on_stdout(text: str) -> None:
+            seen.append(text)
+            if "first" in "".join(seen) and not sb.files.exists("/tmp/go"):
+                sb.files.write("/tmp/go", "")
+
+        r = sb.commands.run("echo first; while [ ! -e /tmp/go ]; do sleep 0.05; done; echo second; "
+                            "echo oops >&2; exit 7", on_stdout=on_stdout, on_stderr=errs.append, timeout=120)
+        assert "".join(seen) == "first\nsecond\n" == r.stdout
+        assert "".join(errs) == "oops\n" == r.stderr and r.exit_code == 7 and not r.timed_out
+
+
+def test_background_processes_are_listed_fed_and_killed(ctl: Controller, snapshot: str) -> None:
+    with ctl.spawn_sandbox(snapshot, timeout=TIMEOUT) as sb:
+        cat = sb.commands.run(["cat"], background=True, timeout=None)
+        sleeper = sb.commands.run("sleep 600", background=True, timeout=None)
+        pids = {p.pid: p for p in sb.commands.list()}
+        assert {cat.pid, sleeper.pid} <= set(pids) and pids[cat.pid].running and pids[cat.pid].argv == ["cat"]
+        assert cat.send_stdin("hello\n") == 6
+        cat.send_stdin(b"\x00\xffbytes", eof=True)
+        r = cat.wait()
+        assert r.exit_code == 0 and r.stdout.startswith("hello\n") and r.stdout.endswith("bytes")
+        assert sleeper.kill() is True
+        assert sleeper.wait().exit_code == -9
+        assert sb.commands.list() == []  # both read to the end: forgotten
+        with pytest.raises(NotFoundError):
+            sb.commands.connect(cat.pid)

@@ -483,3 +483,57 @@ def test_code_that_will_not_stop_is_reported_and_the_sandbox_goes_on() -> None:
     finally:
         client.proc.kill()
         client.proc.wait()
+
+
+# ---------------------------------------------------------------- processes
+
+def _read_all(agent: AgentClient, pid: int) -> tuple[bytes, bytes, dict[str, Any]]:
+    out, err = b"", b""
+    while True:
+        r = agent.ok("proc_read", pid=pid, wait=10)
+        out += base64.b64decode(r["stdout_b64"])
+        err += base64.b64decode(r["stderr_b64"])
+        if r["exited"]:
+            return out, err, r
+
+
+def test_process_output_arrives_before_it_ends(agent: AgentClient) -> None:
+    started = agent.ok("proc_start", argv=["sh", "-c", "echo first; sleep 2; echo second >&2; exit 4"])
+    t0 = time.monotonic()
+    first = agent.ok("proc_read", pid=started["pid"], wait=10)
+    assert base64.b64decode(first["stdout_b64"]) == b"first\n" and not first["exited"]
+    assert time.monotonic() - t0 < 1.5  # not after the sleep
+    out, err, last = _read_all(agent, started["pid"])
+    assert (out, err, last["exit_code"], last["timed_out"]) == (b"", b"second\n", 4, False)
+    assert agent.err("proc_read", pid=started["pid"])["type"] == "ProcessLookupError"  # read out: forgotten
+
+
+def test_background_process_stdin_list_and_kill(agent: AgentClient) -> None:
+    cat = agent.ok("proc_start", argv=["cat"], stdin_open=True)
+    assert cat["running"] and cat["pid"] in [p["pid"] for p in agent.ok("proc_list")["processes"]]
+    assert agent.ok("proc_write", pid=cat["pid"], data_b64=b64(ALL_BYTES))["written"] == 256
+    got = b""
+    while len(got) < 256:
+        got += base64.b64decode(agent.ok("proc_read", pid=cat["pid"], wait=10)["stdout_b64"])
+    assert got == ALL_BYTES
+    agent.ok("proc_write", pid=cat["pid"], eof=True)
+    assert _read_all(agent, cat["pid"])[2]["exit_code"] == 0
+    sleeper = agent.ok("proc_start", argv=["sleep", "600"])
+    assert agent.ok("proc_kill", pid=sleeper["pid"], signal="TERM")["signalled"] is True
+    assert _read_all(agent, sleeper["pid"])[2]["exit_code"] == -15
+    assert agent.err("proc_kill", pid=sleeper["pid"], signal="STOP")["type"] in ("BadRequest", "ProcessLookupError")
+
+
+def test_process_output_is_bounded_and_the_writer_waits(agent: AgentClient) -> None:
+    # 8 MiB of output, nobody reading: the agent keeps at most 1 MiB per stream and the writer blocks
+    big = agent.ok("proc_start", argv=["sh", "-c", "head -c 8388608 /dev/zero; echo done >&2"])
+    time.sleep(1.5)
+    assert [p for p in agent.ok("proc_list")["processes"] if p["pid"] == big["pid"]][0]["running"]
+    out, err, last = _read_all(agent, big["pid"])
+    assert len(out) == 8 << 20 and err == b"done\n" and last["exit_code"] == 0
+
+
+def test_process_timeout_kills_the_group(agent: AgentClient) -> None:
+    p = agent.ok("proc_start", argv=["sh", "-c", "sleep 600 & sleep 600"], timeout=1)
+    _, _, last = _read_all(agent, p["pid"])
+    assert last["timed_out"] is True and last["exit_code"] == -9

@@ -24,7 +24,7 @@ DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "openapi.json"
 SID, TAG = "sb-0123456789abcdef", "snap"
 
 #: every SDK request builder with sample arguments
-SDK_CALLS: list[Callable[[], b.Call[Any]]] = [
+SDK_CALLS: list[Callable[[], b.Call[Any] | b.StreamCall]] = [
     b.op_health, b.op_version, b.op_metrics, b.op_list_snapshots, b.op_pending_snapshots,
     lambda: b.op_create_snapshot(TAG, 512, 1, "import numpy", 300.0, "my-image"),
     lambda: b.op_snapshot_info(TAG),
@@ -42,13 +42,17 @@ SDK_CALLS: list[Callable[[], b.Call[Any]]] = [
     lambda: b.op_write_file(SID, "/tmp/f", b"data", 0o600),
     lambda: b.op_list_files(SID, "/tmp"), lambda: b.op_stat(SID, "/tmp"),
     lambda: b.op_mkdir(SID, "/tmp/d"), lambda: b.op_remove(SID, "/tmp/d", True),
+    lambda: b.op_exec_stream(SID, "echo hi", None, None, None, 30.0),
+    lambda: b.op_start_process(SID, ["cat"], {"A": "1"}, "/", "x", None, True),
+    lambda: b.op_list_processes(SID), lambda: b.op_process_stream(SID, 42),
+    lambda: b.op_process_stdin(SID, 42, b"\x00", True), lambda: b.op_process_kill(SID, 42, "TERM"),
 ]
 #: SDK result type -> the schema of the daemon's answer
 RESULTS = {sm.VersionInfo: "Version", sm.SnapshotInfo: "SnapshotInfo", sm.BranchResult: "BranchResponse",
            sm.SandboxInfo: "SandboxInfo", sm.SpawnEntry: "SpawnEntry", sm.PingResult: "PingResponse",
            sm.InterruptResult: "InterruptResponse", sm.PendingSnapshot: "PendingSnapshot",
            sm.EvalResult: "EvalResponse", sm.Execution: "RunCodeResponse", sm.CommandResult: "ExecResponse",
-           sm.FileEntry: "FileEntry"}
+           sm.FileEntry: "FileEntry", sm.ProcessInfo: "ProcessInfo"}
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +93,7 @@ def test_every_sdk_request_is_in_the_contract(doc: dict[str, Any]) -> None:
         covered.add((call.method.lower(), template))
         what = f"{call.method} {template}"
         declared = {p["name"]: p for p in op.get("parameters", []) if p["in"] == "query"}
-        for name, value in (call.params or {}).items():
+        for name, value in (getattr(call, "params", None) or {}).items():
             assert name in declared, f"{what}: the SDK sends ?{name}=, which the contract does not declare"
             _validate(doc, declared[name]["schema"], value, f"{what} ?{name}")
         body = op.get("requestBody", {}).get("content", {}).get("application/json")

@@ -639,7 +639,8 @@ def test_sync_and_async_mirror_each_other() -> None:
     from forkd.sdk import aio, sync
 
     pairs: list[tuple[type, type]] = [(sync.Controller, aio.AsyncController), (sync.Sandbox, aio.AsyncSandbox),
-                                      (sync.Commands, aio.AsyncCommands), (sync.Files, aio.AsyncFiles)]
+                                      (sync.Commands, aio.AsyncCommands), (sync.Files, aio.AsyncFiles),
+                                      (sync.CommandHandle, aio.AsyncCommandHandle)]
     for s, a in pairs:
         public: Callable[[type], set[str]] = lambda c: {n for n in vars(c) if not n.startswith("_")}  # noqa: E731
         assert public(s) == public(a), (s, a)

@@ -13,7 +13,7 @@ from forkd.cli.common import accel_option, json_option, make_engine
 from forkd.cli.output import console, handle_errors, mib, print_json, table
 from forkd.engine import Child, SpawnResult
 from forkd.errors import ForkdError
-from forkd.limits import MAX_CHILDREN
+from forkd.limits import MAX_CHILDREN, MAX_MEMORY_LIMIT_MIB, MIN_MEMORY_LIMIT_MIB
 
 
 def run_in_child(child: Child, expr: str | None, argv: list[str] | None, timeout: float) -> dict[str, Any]:
@@ -56,13 +56,22 @@ def row_json(res: SpawnResult, ran: dict[str, Any]) -> dict[str, Any]:
 @click.option("--settle-secs", type=float, default=0.0, show_default=True,
               help="Seconds to let the children run before they are killed.")
 @click.option("--keep-workdir", is_flag=True, help="Keep the children's work dirs (console logs) afterwards.")
+@click.option("--per-child-netns", is_flag=True,
+              help="Run child i in network namespace forkd-child-<i> (scripts/netns-setup.sh N makes them).")
+@click.option("--memory-limit-mib", type=click.IntRange(MIN_MEMORY_LIMIT_MIB, MAX_MEMORY_LIMIT_MIB), default=None,
+              help="Memory limit per child, MiB (a cgroup of its own; over it, that child is OOM-killed).")
+@click.option("--live-fork", is_flag=True,
+              help="Accepted from the original forkd: every forkd child can be branched, nothing changes.")
+@click.option("--hugepages", is_flag=True,
+              help="Accepted from the original forkd (its live-fork memfd): children map the snapshot file, "
+                   "nothing changes (docs/api.md).")
 @accel_option
 @json_option
 @click.argument("argv", nargs=-1, type=click.UNPROCESSED)
 @handle_errors
 def fork(tag: str, n: int, expr: str | None, do_exec: bool, timeout: float, concurrency: int | None,
-         network: str, settle_secs: float, keep_workdir: bool, accel: str | None, as_json: bool,
-         argv: tuple[str, ...]) -> None:
+         network: str, settle_secs: float, keep_workdir: bool, per_child_netns: bool, memory_limit_mib: int | None,
+         live_fork: bool, hugepages: bool, accel: str | None, as_json: bool, argv: tuple[str, ...]) -> None:
     """Fork N children of snapshot TAG, run --eval EXPR or --exec ARGV... in each, report, and kill them.
 
     Example: forkd fork --tag pyagent -n 10 --eval 'numpy.zeros(5).tolist()'
@@ -76,7 +85,10 @@ def fork(tag: str, n: int, expr: str | None, do_exec: bool, timeout: float, conc
     eng = make_engine(accel)
     t0 = time.monotonic()
     cmd = list(argv) if do_exec else None
+    if hugepages and not live_fork:
+        raise click.UsageError("--hugepages needs --live-fork (as in the original forkd)")
     results = eng.spawn(tag, n, concurrency=concurrency, timeout=timeout, network=network,
+                        memory_limit_mib=memory_limit_mib, per_child_netns=per_child_netns,
                         then=lambda c: run_in_child(c, expr, cmd, timeout))
     wall_s = time.monotonic() - t0
     try:

@@ -10,10 +10,10 @@ from fastapi import FastAPI
 from forkd import __version__
 from forkd.daemon import errors
 from forkd.daemon.metrics import Metrics
-from forkd.daemon.routers import files, sandboxes, service, snapshots
+from forkd.daemon.routers import files, processes, sandboxes, service, snapshots
 from forkd.daemon.service import Controller
 
-ROUTERS = (service.router, snapshots.router, sandboxes.router, files.router)
+ROUTERS = (service.router, snapshots.router, sandboxes.router, processes.router, files.router)
 
 
 def create_app(ctl: Controller, metrics: Metrics) -> FastAPI:

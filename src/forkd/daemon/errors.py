@@ -38,7 +38,7 @@ STATUS: tuple[tuple[tuple[type[Exception], ...], int], ...] = (
     ((AgentTimeoutError,), 504),
 )
 #: an error the guest agent answered, by its exception type (others are 400)
-AGENT_STATUS = {"FileNotFoundError": 404, "FileExistsError": 409}
+AGENT_STATUS = {"FileNotFoundError": 404, "FileExistsError": 409, "ProcessLookupError": 404}
 
 
 def status_for(exc: Exception) -> int:

@@ -153,7 +153,8 @@ def build(bind: str, state_path: Path, snap_root: Path | None, audit_path: Path,
     ctl = Controller(engine, StateFile(state_path), pool_size=pool_size, default_lifetime_s=sandbox_timeout)
     ctl.branch_concurrency = branch_concurrency
     audit = AuditLog(audit_path)
-    metrics = Metrics(lambda: sum(1 for _t, snap, _e in engine.store.list() if snap is not None), ctl.active_count)
+    metrics = Metrics(lambda: sum(1 for _t, snap, _e in engine.store.list() if snap is not None), ctl.active_count,
+                      ctl.branches_in_flight)
     ctl.spawn_observer = metrics.spawn_seconds.observe
     app = create_app(ctl, metrics)
 

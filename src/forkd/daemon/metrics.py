@@ -26,21 +26,28 @@ def method_label(method: str) -> str:
 class _Live(Collector):
     """Gauges read at scrape time, so they always agree with the API."""
 
-    def __init__(self, snapshots: Callable[[], int], sandboxes: Callable[[], int]) -> None:
+    def __init__(self, snapshots: Callable[[], int], sandboxes: Callable[[], int],
+                 branches: Callable[[], tuple[int, int]] | None = None) -> None:
         self.snapshots = snapshots
         self.sandboxes = sandboxes
+        self.branches = branches
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         yield GaugeMetricFamily("forkd_snapshots_total", "Snapshots in the snapshot root.", value=self.snapshots())
         yield GaugeMetricFamily("forkd_sandboxes_active", "Sandboxes whose VM is running.", value=self.sandboxes())
+        if self.branches is not None:
+            in_flight, cap = self.branches()
+            yield GaugeMetricFamily("forkd_branches_in_flight", "BRANCH operations running.", value=in_flight)
+            yield GaugeMetricFamily("forkd_branch_concurrency_cap", "--branch-concurrency.", value=cap)
 
 
 class Metrics:
-    def __init__(self, snapshots: Callable[[], int], sandboxes: Callable[[], int]) -> None:
+    def __init__(self, snapshots: Callable[[], int], sandboxes: Callable[[], int],
+                 branches: Callable[[], tuple[int, int]] | None = None) -> None:
         self.registry = CollectorRegistry()
         info = Gauge("forkd_build_info", "Always 1; labels carry the version.", ["version"], registry=self.registry)
         info.labels(version=__version__).set(1)
-        self.registry.register(_Live(snapshots, sandboxes))
+        self.registry.register(_Live(snapshots, sandboxes, branches))
         self.spawn_seconds = Histogram("forkd_spawn_seconds", "Restore of one child until its agent answered.",
                                        buckets=SPAWN_BUCKETS, registry=self.registry)
         self.request_seconds = Histogram("forkd_http_request_duration_seconds", "HTTP requests by route and status.",

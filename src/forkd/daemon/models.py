@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
@@ -78,21 +79,27 @@ class CreateSnapshotRequest(Strict):
 
 
 class SnapshotInfo(BaseModel):
+    """A snapshot. One that cannot be restored here (damaged, or from another QEMU/CPU) is still
+    listed, with ``bootable: false``, ``status: failed`` and a ``warning`` that says why."""
+
     tag: str
     status: Literal["ready", "writing", "failed"] = "ready"
-    created_at: float
-    memory_mib: int
-    vcpus: int
-    accel: str
-    cpu: str
-    machine: str
-    qemu_version: str | None
-    image_id: str | None
-    vmstate_bytes: int
-    memory_bytes: int
-    memory_allocated_bytes: int
-    guest: dict[str, Any]
-    timings: dict[str, float]
+    bootable: bool = True
+    warning: str | None = None
+    created_at: float = 0.0
+    created_at_unix: int | None = None
+    memory_mib: int = 0
+    vcpus: int = 0
+    accel: str = ""
+    cpu: str = ""
+    machine: str = ""
+    qemu_version: str | None = None
+    image_id: str | None = None
+    vmstate_bytes: int = 0
+    memory_bytes: int = 0
+    memory_allocated_bytes: int = 0
+    guest: dict[str, Any] = Field(default_factory=dict)
+    timings: dict[str, float] = Field(default_factory=dict)
     parent: str | None = None
     sandboxes: int = Field(0, description="Live sandboxes forked from it.")
     kind: Literal["root", "flat", "delta"] = "root"
@@ -271,6 +278,10 @@ class ExecRequest(Strict):
                                      description="Seconds; the process group is killed after.")
     timeout_secs: int | None = Field(None, gt=0, le=int(MAX_EXEC_TIMEOUT_S),
                                      description="The original API's timeout_s.")
+    max_output: int = Field(MAX_EXEC_OUTPUT, ge=0, le=MAX_EXEC_OUTPUT,
+                            description="Bytes kept per stream (at most 1 MiB).")
+    stream: bool = Field(False, description="true: answer with the output as it comes, NDJSON ProcessEvents "
+                                            "(application/x-ndjson) instead of one ExecResponse at the end.")
 
     @model_validator(mode="after")
     def _original_names(self) -> ExecRequest:
@@ -285,8 +296,76 @@ class ExecRequest(Strict):
     @property
     def command(self) -> list[str]:
         return list(self.argv if self.argv is not None else self.args or [])
-    max_output: int = Field(MAX_EXEC_OUTPUT, ge=0, le=MAX_EXEC_OUTPUT,
-                            description="Bytes kept per stream (at most 1 MiB).")
+
+
+class StartProcessRequest(Strict):
+    argv: list[str] = Field(min_length=1, max_length=MAX_ARGV, description="Program and arguments (no shell).")
+    env: dict[str, str] | None = None
+    cwd: str | None = None
+    stdin: str | None = Field(None, max_length=MAX_STDIN_BYTES, description="Written to its stdin first.")
+    stdin_open: bool = Field(False, description="Keep stdin open for POST .../stdin (else it is closed).")
+    timeout_s: float | None = Field(None, gt=0, le=MAX_EXEC_TIMEOUT_S,
+                                    description="Seconds; the process group is killed after. null: no limit.")
+
+    @property
+    def command(self) -> list[str]:
+        return list(self.argv)
+
+
+class ProcessInfo(BaseModel):
+    pid: int
+    argv: list[str]
+    started_at: float
+    running: bool
+    exit_code: int | None = None
+    timed_out: bool = False
+
+
+class ProcessEvent(BaseModel):
+    """One line of a process's NDJSON stream."""
+
+    type: Literal["start", "stdout", "stderr", "exit", "error"]
+    pid: int | None = Field(None, description="start")
+    data: str | None = Field(None, description="stdout, stderr: text (UTF-8, invalid bytes replaced)")
+    exit_code: int | None = Field(None, description="exit: negative for a signal")
+    timed_out: bool | None = Field(None, description="exit")
+    duration_s: float | None = Field(None, description="exit")
+    error: str | None = Field(None, description="error: the stream ends here")
+
+
+class StdinRequest(Strict):
+    data: str | None = Field(None, max_length=MAX_STDIN_BYTES, description="Text (UTF-8).")
+    data_b64: str | None = Field(None, max_length=MAX_STDIN_BYTES * 4 // 3 + 4, description="Bytes, base64.")
+    eof: bool = Field(False, description="Close stdin after writing.")
+
+    @model_validator(mode="after")
+    def _one_payload(self) -> StdinRequest:
+        if self.data is not None and self.data_b64 is not None:
+            raise ValueError("data and data_b64 cannot be used together")
+        if self.data_b64 is not None:
+            try:
+                base64.b64decode(self.data_b64, validate=True)
+            except ValueError as e:
+                raise ValueError(f"data_b64 is not base64: {e}") from None
+        return self
+
+    @property
+    def payload(self) -> bytes:
+        if self.data_b64 is not None:
+            return base64.b64decode(self.data_b64, validate=True)
+        return (self.data or "").encode()
+
+
+class StdinResult(BaseModel):
+    written: int
+
+
+class KillRequest(Strict):
+    signal: Literal["KILL", "TERM", "INT", "HUP"] = "KILL"
+
+
+class KillResult(BaseModel):
+    signalled: bool
 
 
 class ExecResponse(BaseModel):

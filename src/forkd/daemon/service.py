@@ -187,7 +187,8 @@ class Controller:
     # -- snapshots
     def _describe(self, snap_summary: dict[str, Any], chain: bool) -> dict[str, Any]:
         tag = snap_summary["tag"]
-        out = {**snap_summary, "status": "ready", "sandboxes": self.users_of(tag)}
+        out = {**snap_summary, "status": "ready", "bootable": True, "sandboxes": self.users_of(tag),
+               "created_at_unix": int(float(snap_summary.get("created_at") or 0))}
         if chain:
             out.update(self.engine.chain_info(tag))
         return out
@@ -200,10 +201,14 @@ class Controller:
         return self._describe(self.engine.store.open(tag).summary(), chain=True)
 
     def list_snapshots(self) -> list[dict[str, Any]]:
+        """Every snapshot directory; one that cannot be restored is listed as not bootable, with why."""
         out = []
-        for _tag, snap, _err in self.engine.store.list():
+        for tag, snap, err in self.engine.store.list():
             if snap is not None:
                 out.append(self._describe(snap.summary(), chain=False))
+            else:
+                out.append({"tag": tag, "status": "failed", "bootable": False,
+                            "warning": f"snapshot is not bootable: {err}", "sandboxes": 0})
         return out
 
     def pending_snapshots(self) -> list[dict[str, Any]]:
@@ -281,6 +286,12 @@ class Controller:
         threading.Thread(target=background, name=f"branch-{tag}", daemon=True).start()
         return {"tag": tag, "status": "writing", "branched_from": sid, "bootable": False}, False
 
+    def branches_in_flight(self) -> tuple[int, int]:
+        """(BRANCH operations running, --branch-concurrency): every branch is ``writing`` until it ends."""
+        with self._lock:
+            running = sum(1 for p in self._pending.values() if p.get("status") == "writing")
+        return running, self.branch_concurrency
+
     def users_of(self, tag: str) -> int:
         with self._lock:
             return sum(1 for sb in self._sandboxes.values() if sb.child.snapshot == tag and sb.child.alive())
@@ -330,7 +341,7 @@ class Controller:
             ended = self._ended.get(sid)
         if sb is None:
             if ended is not None:
-                raise NotFound(f"sandbox {sid} is gone: {ended['reason']}")
+                raise NotFound(f"sandbox {sid} not found: it is gone ({ended['reason']})")
             raise NotFound(f"sandbox {sid} not found")
         return sb
 

@@ -24,6 +24,21 @@ INTERRUPT_GRACE = 2.0
 MAX_FILE_BYTES = 256 << 20
 
 
+#: bytes of output one read_process asks for (both streams), as the agent's proc_read returns at most
+PROC_READ_MAX = 4 << 20
+
+
+@dataclass(frozen=True)
+class ProcessOutput:
+    """One read of a process's output; ``exited`` (with ``exit_code``) once it ended and all was read."""
+
+    stdout: bytes
+    stderr: bytes
+    exited: bool
+    exit_code: int | None
+    timed_out: bool
+
+
 @dataclass
 class ExecResult:
     """What ``exec`` returns: exit code, output, and whether the timeout or the size limit cut it."""
@@ -205,6 +220,76 @@ class Child:
             args["stdin"] = stdin
         wait = None if timeout is None else timeout + 30.0
         return ExecResult.from_reply(self.vm.channel.call("exec", reply_timeout=wait, **args))
+
+    # -- processes that outlive one request (streamed output, background, stdin)
+    def start_process(self, argv: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
+                      stdin: str | bytes | None = None, stdin_open: bool = False, timeout: float | None = None,
+                      reply_timeout: float = 60.0) -> dict[str, Any]:
+        """Start ``argv`` in the guest and return at once: ``{"pid", "argv", "started_at", "running"}``.
+        Its output waits in the guest (1 MiB per stream; then the process blocks) for :meth:`read_process`.
+        ``timeout`` (seconds, None: none) kills its process group; ``stdin_open`` keeps stdin for
+        :meth:`write_process`."""
+        args: dict[str, Any] = {"argv": list(argv), "timeout": timeout, "stdin_open": stdin_open}
+        if env is not None:
+            args["env"] = env
+        if cwd is not None:
+            args["cwd"] = cwd
+        if isinstance(stdin, bytes):
+            args["stdin_b64"] = base64.b64encode(stdin).decode()
+        elif stdin is not None:
+            args["stdin"] = stdin
+        return self._checked_proc(self.vm.channel.call("proc_start", reply_timeout=reply_timeout, **args))
+
+    def read_process(self, pid: int, wait: float = 10.0, max_bytes: int = PROC_READ_MAX) -> ProcessOutput:
+        """What process ``pid`` wrote since the last read (waiting up to ``wait`` seconds for some), and
+        its exit once it ended and all was read."""
+        r = self.vm.channel.call("proc_read", reply_timeout=wait + 60.0, pid=pid, wait=wait, max_bytes=max_bytes)
+        try:
+            out, err = (base64.b64decode(str(r[k]), validate=True) for k in ("stdout_b64", "stderr_b64"))
+        except (KeyError, binascii.Error) as e:
+            what = f"a proc_read reply without valid output: {e}"
+            raise self.vm.channel.protocol_violation("proc_read", what) from None
+        if len(out) + len(err) > max_bytes or not isinstance(r.get("exited"), bool):
+            raise self.vm.channel.protocol_violation("proc_read", "a proc_read reply larger than asked, or malformed")
+        code = r.get("exit_code")
+        return ProcessOutput(out, err, bool(r["exited"]), code if isinstance(code, int) else None,
+                             bool(r.get("timed_out")))
+
+    def stream_process(self, pid: int, wait: float = 10.0) -> Iterator[ProcessOutput]:
+        """Read process ``pid`` to its end: each non-empty chunk as it comes, then the exit."""
+        while True:
+            chunk = self.read_process(pid, wait)
+            if chunk.stdout or chunk.stderr or chunk.exited:
+                yield chunk
+            if chunk.exited:
+                return
+
+    def write_process(self, pid: int, data: bytes = b"", eof: bool = False, timeout: float = 60.0) -> int:
+        """Write ``data`` to the process's stdin (``eof`` closes it); the bytes written."""
+        r = self.vm.channel.call("proc_write", reply_timeout=timeout, pid=pid,
+                                 data_b64=base64.b64encode(data).decode(), eof=eof)
+        return int(r.get("written", 0))
+
+    def kill_process(self, pid: int, signal: str = "KILL", timeout: float = 30.0) -> bool:
+        """Signal the process's group (KILL, TERM, INT, HUP); False if it had already ended."""
+        return bool(self.vm.channel.call("proc_kill", reply_timeout=timeout, pid=pid, signal=signal)["signalled"])
+
+    def list_processes(self, timeout: float = 30.0) -> list[dict[str, Any]]:
+        """The processes of :meth:`start_process` running or not read out yet."""
+        procs = self.vm.channel.call("proc_list", reply_timeout=timeout).get("processes")
+        if not isinstance(procs, list) or len(procs) > 1024:
+            raise self.vm.channel.protocol_violation("proc_list", "a proc_list reply that is not a short list")
+        return [self._checked_proc(p) for p in procs]
+
+    def _checked_proc(self, p: object) -> dict[str, Any]:
+        ok = isinstance(p, dict) and isinstance(p.get("pid"), int) and isinstance(p.get("argv"), list)
+        if not ok:
+            raise self.vm.channel.protocol_violation("proc", "a process record without pid and argv")
+        assert isinstance(p, dict)
+        return {"pid": p["pid"], "argv": [str(a)[:4096] for a in p["argv"][:4096]],
+                "started_at": float(p.get("started_at") or 0), "running": bool(p.get("running")),
+                "exit_code": p.get("exit_code") if isinstance(p.get("exit_code"), int) else None,
+                "timed_out": bool(p.get("timed_out"))}
 
     def read_file(self, path: str, timeout: float = 60.0, max_bytes: int = MAX_FILE_BYTES) -> bytes:
         """The whole file, read in chunks (binary safe); FileTooLargeError beyond ``max_bytes`` (see

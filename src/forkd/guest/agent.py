@@ -40,7 +40,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
-AGENT_VERSION = "2"  # 2: interrupt
+AGENT_VERSION = "2"  # 2: interrupt, processes (proc_*)
 PORT_NAME = "org.forkd.agent"
 DIST_PACKAGES = "/usr/lib/python3/dist-packages"
 MAX_LINE = MAX_READ = 64 * 1024 * 1024
@@ -414,6 +414,193 @@ def op_exec(req: Request) -> dict[str, Any]:
             "duration_s": time.monotonic() - start}
 
 
+# ---------------------------------------------------------------- processes (streamed, background)
+PROC_BUFFER = 1024 * 1024      # output kept per stream until the host reads it; the process then blocks
+PROC_READ_MAX = 4 * 1024 * 1024  # bytes of output one proc_read returns, both streams together
+PROC_MAX = 256                 # processes known at once (running, or finished and not yet read out)
+PROC_KEEP_S = 600.0            # a finished process nobody reads is forgotten after this long
+PROC_WAIT_MAX = 30.0           # longest long-poll of one proc_read
+PROC_BATCH, PROC_BATCH_WAIT = 256 * 1024, 0.02  # a read with less output waits up to 20 ms for more
+F_SETPIPE_SZ, PIPE_SIZE = 1031, 1024 * 1024
+PROCS: dict[int, Proc] = {}
+PROCS_LOCK = threading.Lock()
+SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM, "INT": signal.SIGINT, "HUP": signal.SIGHUP}
+
+
+class Proc:
+    """A process of proc_start: output buffered (bounded: a full buffer stops reading its pipe, so the
+    process waits, as on a terminal nobody reads) until proc_read takes it."""
+
+    def __init__(self, popen: subprocess.Popen[bytes], argv: list[str], timeout: float | None) -> None:
+        self.popen, self.argv, self.started_at = popen, argv, time.time()
+        self.cond = threading.Condition()
+        self.bufs = {"stdout": bytearray(), "stderr": bytearray()}
+        self.eof = {"stdout": False, "stderr": False}
+        self.exit_code: int | None = None
+        self.timed_out = False
+        self.ended_at: float | None = None
+        assert popen.stdout is not None and popen.stderr is not None
+        for f in (popen.stdout, popen.stderr):  # fewer, larger reads: a fast writer blocks less often
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(f.fileno(), F_SETPIPE_SZ, PIPE_SIZE)
+        for name, f in (("stdout", popen.stdout), ("stderr", popen.stderr)):
+            threading.Thread(target=self._drain, args=(name, f), name=f"forkd-proc-{popen.pid}", daemon=True).start()
+        threading.Thread(target=self._wait, args=(timeout,), name=f"forkd-proc-{popen.pid}", daemon=True).start()
+
+    def _drain(self, name: str, f: Any) -> None:
+        fd = f.fileno()
+        while True:
+            with self.cond:
+                self.cond.wait_for(lambda: len(self.bufs[name]) < PROC_BUFFER)
+            try:
+                chunk = os.read(fd, PIPE_SIZE)
+            except OSError:
+                chunk = b""
+            with self.cond:
+                if chunk:
+                    self.bufs[name] += chunk
+                else:
+                    self.eof[name] = True
+                self.cond.notify_all()
+            if not chunk:
+                with contextlib.suppress(OSError):
+                    f.close()
+                return
+
+    def _wait(self, timeout: float | None) -> None:
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.timed_out = True
+            _killpg(self.popen)
+            self.popen.wait()
+        with MANAGED_LOCK:
+            MANAGED.discard(self.popen.pid)
+        with self.cond:
+            self.exit_code, self.ended_at = self.popen.returncode, time.time()
+            self.cond.notify_all()
+
+    @property
+    def drained(self) -> bool:
+        return self.exit_code is not None and all(self.eof.values()) and not any(self.bufs.values())
+
+    def info(self) -> dict[str, Any]:
+        return {"pid": self.popen.pid, "argv": self.argv, "started_at": self.started_at,
+                "running": self.exit_code is None, "exit_code": self.exit_code, "timed_out": self.timed_out}
+
+
+def _proc(req: Request) -> Proc:
+    pid = _arg(req, "pid", int)
+    with PROCS_LOCK:
+        proc = PROCS.get(pid)
+    if proc is None:
+        raise ReplyError({"type": "ProcessLookupError", "message": f"no process {pid} started by proc_start "
+                          "(or its output was read to the end)", "traceback": None})
+    return proc
+
+
+def _forget_old() -> None:
+    now = time.time()
+    with PROCS_LOCK:
+        for pid in [p for p, pr in PROCS.items() if pr.ended_at is not None and now - pr.ended_at > PROC_KEEP_S]:
+            del PROCS[pid]
+
+
+def op_proc_start(req: Request) -> dict[str, Any]:
+    """Start a program (new session) whose output is read with proc_read; answers at once. Its stdin
+    gets ``stdin``/``stdin_b64`` and is then closed, unless ``stdin_open`` (proc_write feeds it)."""
+    a = _exec_args(req)
+    stdin_open = _arg(req, "stdin_open", bool, False)
+    _forget_old()
+    with PROCS_LOCK:
+        if len(PROCS) >= PROC_MAX:
+            raise BadRequest(f"{PROC_MAX} processes are running or not read out yet; read or kill some first")
+    with MANAGED_LOCK:
+        popen = subprocess.Popen(a["argv"], env=a["env"], cwd=a["cwd"], start_new_session=True,
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        MANAGED.add(popen.pid)
+    proc = Proc(popen, a["argv"], a["timeout"])
+    with PROCS_LOCK:
+        PROCS[popen.pid] = proc
+    if a["data"]:
+        threading.Thread(target=_feed, args=(popen, a["data"], not stdin_open), daemon=True).start()
+    elif not stdin_open and popen.stdin is not None:
+        popen.stdin.close()
+    return proc.info()
+
+
+def _feed(popen: subprocess.Popen[bytes], data: bytes, close: bool) -> None:
+    assert popen.stdin is not None
+    try:
+        popen.stdin.write(data)
+        popen.stdin.flush()
+        if close:
+            popen.stdin.close()
+    except (OSError, ValueError):
+        pass  # the process closed its stdin or ended
+
+
+def op_proc_read(req: Request) -> dict[str, Any]:
+    """The output produced since the last read (waiting up to ``wait`` seconds for some), and the exit
+    once the process ended and everything was read; then the process is forgotten."""
+    proc = _proc(req)
+    wait = min(float(_arg(req, "wait", (int, float), 10.0, minimum=0)), PROC_WAIT_MAX)
+    most = min(_arg(req, "max_bytes", int, PROC_READ_MAX, minimum=1), PROC_READ_MAX)
+    with proc.cond:
+        proc.cond.wait_for(lambda: any(proc.bufs.values()) or proc.drained, wait)
+        # a little more, if the process is writing fast: fewer, larger replies (each costs a round trip)
+        proc.cond.wait_for(lambda: sum(map(len, proc.bufs.values())) >= PROC_BATCH or proc.drained
+                           or proc.exit_code is not None, PROC_BATCH_WAIT)
+        out: dict[str, Any] = {}
+        for name in ("stdout", "stderr"):
+            take = bytes(proc.bufs[name][:most])
+            del proc.bufs[name][:len(take)]
+            most -= len(take)
+            out[f"{name}_b64"] = base64.b64encode(take).decode()
+        proc.cond.notify_all()  # room again: the drainers go on
+        done = proc.drained
+    if done:
+        with PROCS_LOCK:
+            PROCS.pop(proc.popen.pid, None)
+    return {**out, "exited": done, "exit_code": proc.exit_code if done else None, "timed_out": proc.timed_out}
+
+
+def op_proc_write(req: Request) -> dict[str, Any]:
+    """Write to the process's stdin (``data_b64``); ``eof`` closes it."""
+    proc = _proc(req)
+    data = _b64(req, "data_b64") if "data_b64" in req else b""
+    eof = _arg(req, "eof", bool, False)
+    stdin = proc.popen.stdin
+    if stdin is None or stdin.closed:
+        raise BadRequest(f"the stdin of process {proc.popen.pid} is closed")
+    try:
+        stdin.write(data)
+        stdin.flush()
+        if eof:
+            stdin.close()
+    except (OSError, ValueError) as e:
+        raise BadRequest(f"process {proc.popen.pid} does not take input any more: {e}") from None
+    return {"written": len(data)}
+
+
+def op_proc_kill(req: Request) -> dict[str, Any]:
+    """Send a signal (KILL, TERM, INT, HUP) to the process's group."""
+    proc = _proc(req)
+    name = _arg(req, "signal", str, "KILL")
+    if name not in SIGNALS:
+        raise BadRequest(f"field 'signal' must be one of {', '.join(SIGNALS)}")
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.popen.pid, SIGNALS[name])
+    return {"signalled": proc.exit_code is None}
+
+
+def op_proc_list(req: Request) -> dict[str, Any]:
+    """The processes started by proc_start that are running or not read out yet."""
+    _forget_old()
+    with PROCS_LOCK:
+        return {"processes": [p.info() for p in PROCS.values()]}
+
+
 # ---------------------------------------------------------------- files
 def _entry(path: str, name: str | None = None) -> dict[str, Any]:
     """A stat entry (lstat: a symlink is reported, not followed)."""
@@ -578,6 +765,8 @@ OPS: dict[str, Callable[[Request], dict[str, Any]]] = {
     "file_read": op_file_read, "file_write": op_file_write, "file_list": op_file_list,
     "file_stat": op_file_stat, "file_mkdir": op_file_mkdir, "file_remove": op_file_remove,
     "file_rename": op_file_rename, "fresh": op_fresh, "interrupt": op_interrupt,
+    "proc_start": op_proc_start, "proc_read": op_proc_read, "proc_write": op_proc_write, "proc_kill": op_proc_kill,
+    "proc_list": op_proc_list,
 }
 
 

@@ -5,7 +5,7 @@ mirror them for asyncio. Errors are :class:`ForkdAPIError` subclasses (see :mod:
 The same names are exported from the top-level ``forkd`` package.
 """
 
-from forkd.sdk.aio import AsyncCommands, AsyncController, AsyncFiles, AsyncSandbox
+from forkd.sdk.aio import AsyncCommandHandle, AsyncCommands, AsyncController, AsyncFiles, AsyncSandbox
 from forkd.sdk.errors import (
     APIConnectionError,
     APIStatusError,
@@ -33,16 +33,18 @@ from forkd.sdk.models import (
     InterruptResult,
     PendingSnapshot,
     PingResult,
+    ProcessInfo,
     SandboxInfo,
     SnapshotInfo,
     VersionInfo,
 )
-from forkd.sdk.sync import Commands, Controller, Files, Sandbox
+from forkd.sdk.sync import CommandHandle, Commands, Controller, Files, Sandbox
 
 __all__ = [
     "APIConnectionError",
     "APIStatusError",
     "APITimeoutError",
+    "AsyncCommandHandle",
     "AsyncCommands",
     "AsyncController",
     "AsyncFiles",
@@ -52,6 +54,7 @@ __all__ = [
     "CodeError",
     "BranchResult",
     "CommandResult",
+    "CommandHandle",
     "Commands",
     "ConflictError",
     "Controller",
@@ -68,6 +71,7 @@ __all__ = [
     "InterruptResult",
     "PendingSnapshot",
     "PingResult",
+    "ProcessInfo",
     "Sandbox",
     "SandboxInfo",
     "ServiceUnavailableError",

@@ -7,6 +7,8 @@ its response into a result. ``sync.py`` and ``aio.py`` only send calls (``httpx.
 
 from __future__ import annotations
 
+import base64
+import json
 import math
 import re
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
@@ -46,6 +48,7 @@ from forkd.sdk.models import (
     Model,
     PendingSnapshot,
     PingResult,
+    ProcessInfo,
     SandboxInfo,
     SnapshotInfo,
     SpawnEntry,
@@ -485,6 +488,130 @@ def op_exec(sandbox_id: str, cmd: str | Sequence[str], env: Mapping[str, str] | 
     body["max_output"] = check_int(max_output, "max_output", 0)
     return Call("POST", sandbox_path(sandbox_id, "/exec"), model(CommandResult), json=body,
                 timeout=None if t is None else t + MARGIN)
+
+
+def exec_body(cmd: str | Sequence[str], env: Mapping[str, str] | None, cwd: str | None,
+              stdin: str | bytes | None) -> dict[str, object]:
+    """The fields of a command shared by exec and process starts (checked)."""
+    call = op_exec("sb-x", cmd, env, cwd, stdin, None, 0)
+    assert isinstance(call.json, dict)
+    return {k: v for k, v in call.json.items() if k in ("argv", "env", "cwd", "stdin")}
+
+
+#: the longest NDJSON line the SDK accepts from the controller (a 4 MiB chunk of text, escaped)
+MAX_EVENT_LINE = 32 << 20
+
+
+@dataclass(frozen=True)
+class StreamCall:
+    """An HTTP request whose answer is NDJSON events, one per line."""
+
+    method: str
+    path: str
+    json: object = None
+    timeout: float | None = None
+    """Seconds between two events (``None``: no limit)."""
+
+
+def op_exec_stream(sandbox_id: str, cmd: str | Sequence[str], env: Mapping[str, str] | None, cwd: str | None,
+                   stdin: str | bytes | None, timeout: float | None) -> StreamCall:
+    body = {**exec_body(cmd, env, cwd, stdin), "timeout_s": seconds_or_none(timeout), "stream": True}
+    return StreamCall("POST", sandbox_path(sandbox_id, "/exec"), body, None if timeout is None else timeout + MARGIN)
+
+
+def op_start_process(sandbox_id: str, cmd: str | Sequence[str], env: Mapping[str, str] | None, cwd: str | None,
+                     stdin: str | bytes | None, timeout: float | None, stdin_open: bool) -> Call[ProcessInfo]:
+    body = {**exec_body(cmd, env, cwd, stdin), "timeout_s": seconds_or_none(timeout), "stdin_open": bool(stdin_open)}
+    return Call("POST", sandbox_path(sandbox_id, "/processes"), model(ProcessInfo), json=body)
+
+
+def op_list_processes(sandbox_id: str) -> Call[list[ProcessInfo]]:
+    return Call("GET", sandbox_path(sandbox_id, "/processes"), models(ProcessInfo))
+
+
+def op_process_stream(sandbox_id: str, pid: int) -> StreamCall:
+    check_int(pid, "pid", 1)
+    return StreamCall("GET", sandbox_path(sandbox_id, f"/processes/{pid}/stream"))
+
+
+def op_process_stdin(sandbox_id: str, pid: int, data: str | bytes, eof: bool) -> Call[int]:
+    check_int(pid, "pid", 1)
+    body: dict[str, object] = {"eof": bool(eof)}
+    if isinstance(data, bytes | bytearray | memoryview):
+        body["data_b64"] = base64.b64encode(bytes(data)).decode()
+    else:
+        body["data"] = check_str(data, "data")
+    return Call("POST", sandbox_path(sandbox_id, f"/processes/{pid}/stdin"),
+                lambda r: int(str(obj_of(r)["written"])), json=body)
+
+
+def op_process_kill(sandbox_id: str, pid: int, signal: str) -> Call[bool]:
+    check_int(pid, "pid", 1)
+    if signal not in SIGNALS:
+        raise ValueError(f"signal: must be one of {', '.join(SIGNALS)}, got {signal!r}")
+    return Call("POST", sandbox_path(sandbox_id, f"/processes/{pid}/kill"),
+                lambda r: bool(obj_of(r)["signalled"]), json={"signal": signal})
+
+
+SIGNALS = ("KILL", "TERM", "INT", "HUP")
+
+
+class OutputCollector:
+    """Turns a process's events into callbacks and, at the end, a :class:`CommandResult` (keeping at
+    most ``max_output`` characters per stream)."""
+
+    def __init__(self, on_stdout: Callable[[str], object] | None, on_stderr: Callable[[str], object] | None,
+                 max_output: int = 1 << 20) -> None:
+        self.callbacks = {"stdout": on_stdout, "stderr": on_stderr}
+        self.kept: dict[str, list[str]] = {"stdout": [], "stderr": []}
+        self.sizes = {"stdout": 0, "stderr": 0}
+        self.truncated = {"stdout": False, "stderr": False}
+        self.max_output = max_output
+        self.pid: int | None = None
+        self.result: CommandResult | None = None
+
+    def feed(self, event: Mapping[str, object]) -> None:
+        kind = event.get("type")
+        if kind == "start" and isinstance(event.get("pid"), int):
+            self.pid = int(str(event["pid"]))
+        elif kind in ("stdout", "stderr"):
+            name, data = str(kind), str(event.get("data", ""))
+            cb = self.callbacks[name]
+            if cb is not None:
+                cb(data)
+            room = self.max_output - self.sizes[name]
+            if room > 0:
+                self.kept[name].append(data[:room])
+                self.sizes[name] += min(room, len(data))
+            self.truncated[name] = self.truncated[name] or len(data) > room
+        elif kind == "exit":
+            code = event.get("exit_code")
+            duration = event.get("duration_s")
+            self.result = CommandResult(
+                exit_code=code if isinstance(code, int) else None, stdout="".join(self.kept["stdout"]),
+                stderr="".join(self.kept["stderr"]), timed_out=bool(event.get("timed_out")),
+                stdout_truncated=self.truncated["stdout"], stderr_truncated=self.truncated["stderr"],
+                duration_s=float(duration) if isinstance(duration, int | float) else 0.0)
+        elif kind == "error":
+            raise ForkdAPIError(f"the command's output stream failed: {event.get('error')}")
+
+    def finish(self) -> CommandResult:
+        if self.result is None:
+            raise ForkdAPIError("the command's output stream ended before the command did")
+        return self.result
+
+
+def event_of(line: bytes | str) -> dict[str, object]:
+    """One NDJSON line of a stream, as a dict (ForkdAPIError if it is not one)."""
+    if len(line) > MAX_EVENT_LINE:
+        raise ForkdAPIError(f"an event line longer than {MAX_EVENT_LINE} bytes in the controller's stream")
+    try:
+        obj = json.loads(line)
+    except ValueError as e:
+        raise ForkdAPIError(f"a line of the controller's stream is not JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise ForkdAPIError("a line of the controller's stream is not a JSON object")
+    return obj
 
 
 # ---------------------------------------------------------------- files

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal, Self, TypeVar, overload
 
@@ -41,12 +41,13 @@ from forkd.sdk.models import (
     InterruptResult,
     PendingSnapshot,
     PingResult,
+    ProcessInfo,
     SandboxInfo,
     SnapshotInfo,
     VersionInfo,
 )
 
-__all__ = ["AsyncCommands", "AsyncController", "AsyncFiles", "AsyncSandbox"]
+__all__ = ["AsyncCommandHandle", "AsyncCommands", "AsyncController", "AsyncFiles", "AsyncSandbox"]
 
 T = TypeVar("T")
 
@@ -75,6 +76,20 @@ class AsyncController(b.BaseController):
             raise self._failed(e, call) from e
         return self._finish(call, resp)
 
+    async def _events(self, call: b.StreamCall) -> AsyncIterator[dict[str, object]]:
+        """The NDJSON events of a streamed answer, as they arrive."""
+        try:
+            async with self._client.stream(call.method, call.path, json=call.json,
+                                           timeout=b.timeout_config(call.timeout)) as resp:
+                if resp.status_code >= 400:
+                    await resp.aread()
+                    raise b.error_from_response(resp, self._endpoint.token)
+                async for line in resp.aiter_lines():
+                    if line.strip():
+                        yield b.event_of(line)
+        except httpx.RequestError as e:
+            raise self._failed(e, b.Call(call.method, call.path, b.nothing)) from e
+
     async def close(self) -> None:
         """Close the HTTP connections (sandboxes keep running)."""
         await self._client.aclose()
@@ -101,7 +116,7 @@ class AsyncController(b.BaseController):
 
     # -- snapshots
     async def list_snapshots(self) -> list[SnapshotInfo]:
-        """Every ready snapshot."""
+        """Every snapshot; one that cannot be restored here has ``bootable`` False and a ``warning``."""
         return await self._request(b.op_list_snapshots())
 
     async def create_snapshot(self, tag: str, *, memory_mib: int = 512, vcpus: int = 1,
@@ -285,16 +300,75 @@ class AsyncCommands:
     def __init__(self, sandbox: AsyncSandbox) -> None:
         self._sandbox = sandbox
 
-    async def run(self, cmd: str | Sequence[str], *, env: Mapping[str, str] | None = None, cwd: str | None = None,
-                  stdin: str | bytes | None = None, timeout: float | None = 60.0,
-                  max_output: int = 1 << 20) -> CommandResult:
-        """Run a command and wait for it (see :meth:`forkd.sdk.sync.Commands.run`).
+    @overload
+    async def run(self, cmd: str | Sequence[str], *, background: Literal[False] = False,
+                  on_stdout: Callable[[str], object] | None = None, on_stderr: Callable[[str], object] | None = None,
+                  env: Mapping[str, str] | None = None, cwd: str | None = None, stdin: str | bytes | None = None,
+                  timeout: float | None = 60.0, max_output: int = 1 << 20) -> CommandResult: ...
 
-        A ``str`` runs under ``/bin/sh -c``; a list runs without a shell. ``timeout`` is in seconds
-        (``None``: no limit); ``max_output`` the bytes kept per stream.
-        """
+    @overload
+    async def run(self, cmd: str | Sequence[str], *, background: Literal[True],
+                  on_stdout: Callable[[str], object] | None = None, on_stderr: Callable[[str], object] | None = None,
+                  env: Mapping[str, str] | None = None, cwd: str | None = None, stdin: str | bytes | None = None,
+                  timeout: float | None = 60.0, max_output: int = 1 << 20) -> AsyncCommandHandle: ...
+
+    async def run(self, cmd: str | Sequence[str], *, background: bool = False,
+                  on_stdout: Callable[[str], object] | None = None, on_stderr: Callable[[str], object] | None = None,
+                  env: Mapping[str, str] | None = None, cwd: str | None = None, stdin: str | bytes | None = None,
+                  timeout: float | None = 60.0, max_output: int = 1 << 20) -> CommandResult | AsyncCommandHandle:
+        """Run a command and wait for it, or start it in the background (see
+        :meth:`forkd.sdk.sync.Commands.run`). ``on_stdout``/``on_stderr`` get the output as it is written;
+        ``timeout`` is in seconds (``None``: no limit); ``max_output`` the bytes kept per stream."""
         sb = self._sandbox
-        return await sb._request(b.op_exec(sb.id, cmd, env, cwd, stdin, timeout, max_output))
+        if background:
+            info = await sb._request(b.op_start_process(sb.id, cmd, env, cwd, stdin, timeout, stdin_open=True))
+            return AsyncCommandHandle(sb, info.pid, on_stdout, on_stderr, max_output)
+        if on_stdout is None and on_stderr is None:
+            return await sb._request(b.op_exec(sb.id, cmd, env, cwd, stdin, timeout, max_output))
+        out = b.OutputCollector(on_stdout, on_stderr, max_output)
+        async for event in sb._controller._events(b.op_exec_stream(sb.id, cmd, env, cwd, stdin, timeout)):
+            out.feed(event)
+        return out.finish()
+
+    async def list(self) -> builtins.list[ProcessInfo]:
+        """Background processes running, or ended with output not yet read."""
+        sb = self._sandbox
+        return await sb._request(b.op_list_processes(sb.id))
+
+    async def connect(self, pid: int, *, on_stdout: Callable[[str], object] | None = None,
+                      on_stderr: Callable[[str], object] | None = None) -> AsyncCommandHandle:
+        """A handle on background process ``pid`` (NotFoundError if the sandbox has no such process)."""
+        if not any(p.pid == pid for p in await self.list()):
+            raise NotFoundError(f"no process {pid} in sandbox {self._sandbox.id}", status=404)
+        return AsyncCommandHandle(self._sandbox, pid, on_stdout, on_stderr)
+
+
+class AsyncCommandHandle:
+    """A background process (see :class:`forkd.sdk.sync.CommandHandle`)."""
+
+    def __init__(self, sandbox: AsyncSandbox, pid: int, on_stdout: Callable[[str], object] | None = None,
+                 on_stderr: Callable[[str], object] | None = None, max_output: int = 1 << 20) -> None:
+        self._sandbox = sandbox
+        self.pid = pid
+        self._out = b.OutputCollector(on_stdout, on_stderr, max_output)
+
+    async def wait(self) -> CommandResult:
+        """Wait until the process ends: its exit code and the output not read before."""
+        sb = self._sandbox
+        if self._out.result is None:
+            async for event in sb._controller._events(b.op_process_stream(sb.id, self.pid)):
+                self._out.feed(event)
+        return self._out.finish()
+
+    async def send_stdin(self, data: str | bytes, *, eof: bool = False) -> int:
+        """Write to the process's stdin (``eof=True`` closes it after); the bytes written."""
+        sb = self._sandbox
+        return await sb._request(b.op_process_stdin(sb.id, self.pid, data, eof))
+
+    async def kill(self, signal: str = "KILL") -> bool:
+        """Signal the process's group (KILL, TERM, INT, HUP); False if it had already ended."""
+        sb = self._sandbox
+        return await sb._request(b.op_process_kill(sb.id, self.pid, signal))
 
 
 class AsyncFiles:

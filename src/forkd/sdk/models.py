@@ -21,6 +21,7 @@ __all__ = [
     "Model",
     "PendingSnapshot",
     "PingResult",
+    "ProcessInfo",
     "SandboxInfo",
     "SnapshotInfo",
     "SpawnEntry",
@@ -64,6 +65,9 @@ class SnapshotInfo(Model):
 
     tag: str
     status: str = "ready"
+    bootable: bool = True
+    """False for a snapshot that cannot be restored here (``warning`` says why)."""
+    warning: str | None = None
     created_at: float = 0.0
     memory_mib: int = 0
     vcpus: int = 1
@@ -161,6 +165,18 @@ class PendingSnapshot(Model):
     tag: str
     status: str = "writing"
     error: str | None = None
+
+
+@dataclass(frozen=True)
+class ProcessInfo(Model):
+    """A process started with ``commands.run(..., background=True)``: ``exit_code`` once it ended."""
+
+    pid: int
+    argv: list[str] = field(default_factory=list)
+    started_at: float = 0.0
+    running: bool = True
+    exit_code: int | None = None
+    timed_out: bool = False
 
 
 @dataclass(frozen=True)

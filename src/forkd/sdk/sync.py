@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal, Self, TypeVar, overload
 
@@ -33,12 +33,13 @@ from forkd.sdk.models import (
     InterruptResult,
     PendingSnapshot,
     PingResult,
+    ProcessInfo,
     SandboxInfo,
     SnapshotInfo,
     VersionInfo,
 )
 
-__all__ = ["Commands", "Controller", "Files", "Sandbox"]
+__all__ = ["CommandHandle", "Commands", "Controller", "Files", "Sandbox"]
 
 T = TypeVar("T")
 
@@ -70,6 +71,20 @@ class Controller(b.BaseController):
             raise self._failed(e, call) from e
         return self._finish(call, resp)
 
+    def _events(self, call: b.StreamCall) -> Iterator[dict[str, object]]:
+        """The NDJSON events of a streamed answer, as they arrive."""
+        try:
+            with self._client.stream(call.method, call.path, json=call.json,
+                                     timeout=b.timeout_config(call.timeout)) as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    raise b.error_from_response(resp, self._endpoint.token)
+                for line in resp.iter_lines():
+                    if line.strip():
+                        yield b.event_of(line)
+        except httpx.RequestError as e:
+            raise self._failed(e, b.Call(call.method, call.path, b.nothing)) from e
+
     def close(self) -> None:
         """Close the HTTP connections (sandboxes keep running)."""
         self._client.close()
@@ -96,7 +111,7 @@ class Controller(b.BaseController):
 
     # -- snapshots
     def list_snapshots(self) -> list[SnapshotInfo]:
-        """Every ready snapshot."""
+        """Every snapshot; one that cannot be restored here has ``bootable`` False and a ``warning``."""
         return self._request(b.op_list_snapshots())
 
     def create_snapshot(self, tag: str, *, memory_mib: int = 512, vcpus: int = 1, warm_code: str | None = None,
@@ -284,18 +299,86 @@ class Commands:
     def __init__(self, sandbox: Sandbox) -> None:
         self._sandbox = sandbox
 
-    def run(self, cmd: str | Sequence[str], *, env: Mapping[str, str] | None = None, cwd: str | None = None,
-            stdin: str | bytes | None = None, timeout: float | None = 60.0, max_output: int = 1 << 20) -> CommandResult:
-        """Run a command and wait for it.
+    @overload
+    def run(self, cmd: str | Sequence[str], *, background: Literal[False] = False,
+            on_stdout: Callable[[str], object] | None = None, on_stderr: Callable[[str], object] | None = None,
+            env: Mapping[str, str] | None = None, cwd: str | None = None, stdin: str | bytes | None = None,
+            timeout: float | None = 60.0, max_output: int = 1 << 20) -> CommandResult: ...
+
+    @overload
+    def run(self, cmd: str | Sequence[str], *, background: Literal[True],
+            on_stdout: Callable[[str], object] | None = None, on_stderr: Callable[[str], object] | None = None,
+            env: Mapping[str, str] | None = None, cwd: str | None = None, stdin: str | bytes | None = None,
+            timeout: float | None = 60.0, max_output: int = 1 << 20) -> CommandHandle: ...
+
+    def run(self, cmd: str | Sequence[str], *, background: bool = False,
+            on_stdout: Callable[[str], object] | None = None, on_stderr: Callable[[str], object] | None = None,
+            env: Mapping[str, str] | None = None, cwd: str | None = None, stdin: str | bytes | None = None,
+            timeout: float | None = 60.0, max_output: int = 1 << 20) -> CommandResult | CommandHandle:
+        """Run a command and wait for it, or (``background=True``) start it and return a
+        :class:`CommandHandle` at once.
 
         A ``str`` runs under ``/bin/sh -c``; a list is the program and its arguments (no shell). ``env``
         is merged over the guest's environment; ``stdin`` is text (bytes must be UTF-8). After ``timeout``
-        seconds (``None``: no limit) the process group is killed and ``timed_out`` is set. ``max_output``
-        is the bytes kept per stream. A non-zero exit is a result, not an exception; a program that does
-        not exist is NotFoundError.
+        seconds (``None``: no limit) the process group is killed and ``timed_out`` is set. ``on_stdout``
+        and ``on_stderr`` are called with each piece of output (text) as it is written; without them the
+        output arrives at the end. ``max_output`` is the bytes (characters, when streamed) kept per
+        stream in the result. A non-zero exit is a result, not an exception; a program that does not
+        exist is NotFoundError (BadRequestError for a background start).
         """
         sb = self._sandbox
-        return sb._request(b.op_exec(sb.id, cmd, env, cwd, stdin, timeout, max_output))
+        if background:
+            info = sb._request(b.op_start_process(sb.id, cmd, env, cwd, stdin, timeout, stdin_open=True))
+            return CommandHandle(sb, info.pid, on_stdout, on_stderr, max_output)
+        if on_stdout is None and on_stderr is None:
+            return sb._request(b.op_exec(sb.id, cmd, env, cwd, stdin, timeout, max_output))
+        out = b.OutputCollector(on_stdout, on_stderr, max_output)
+        for event in sb._controller._events(b.op_exec_stream(sb.id, cmd, env, cwd, stdin, timeout)):
+            out.feed(event)
+        return out.finish()
+
+    def list(self) -> builtins.list[ProcessInfo]:
+        """Background processes running, or ended with output not yet read."""
+        sb = self._sandbox
+        return sb._request(b.op_list_processes(sb.id))
+
+    def connect(self, pid: int, *, on_stdout: Callable[[str], object] | None = None,
+                on_stderr: Callable[[str], object] | None = None) -> CommandHandle:
+        """A handle on background process ``pid``, for instance one started by another client
+        (NotFoundError if the sandbox has no such process)."""
+        if not any(p.pid == pid for p in self.list()):
+            raise NotFoundError(f"no process {pid} in sandbox {self._sandbox.id}", status=404)
+        return CommandHandle(self._sandbox, pid, on_stdout, on_stderr)
+
+
+class CommandHandle:
+    """A background process (``commands.run(..., background=True)``): ``wait()`` for its result (its
+    output is delivered to the callbacks as it comes), ``send_stdin()``, ``kill()``. One reader at a time:
+    output read by one handle is not seen by another."""
+
+    def __init__(self, sandbox: Sandbox, pid: int, on_stdout: Callable[[str], object] | None = None,
+                 on_stderr: Callable[[str], object] | None = None, max_output: int = 1 << 20) -> None:
+        self._sandbox = sandbox
+        self.pid = pid
+        self._out = b.OutputCollector(on_stdout, on_stderr, max_output)
+
+    def wait(self) -> CommandResult:
+        """Block until the process ends: its exit code and the output not read before."""
+        sb = self._sandbox
+        if self._out.result is None:
+            for event in sb._controller._events(b.op_process_stream(sb.id, self.pid)):
+                self._out.feed(event)
+        return self._out.finish()
+
+    def send_stdin(self, data: str | bytes, *, eof: bool = False) -> int:
+        """Write to the process's stdin (``eof=True`` closes it after); the bytes written."""
+        sb = self._sandbox
+        return sb._request(b.op_process_stdin(sb.id, self.pid, data, eof))
+
+    def kill(self, signal: str = "KILL") -> bool:
+        """Signal the process's group (KILL, TERM, INT, HUP); False if it had already ended."""
+        sb = self._sandbox
+        return sb._request(b.op_process_kill(sb.id, self.pid, signal))
 
 
 class Files:

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Body, Query, Response
 
 from forkd.daemon import models as m
 from forkd.daemon.deps import ERRORS, Ctl, SandboxId
+from forkd.daemon.routers import processes
 from forkd.errors import AgentError, ValidationError
 from forkd.limits import MAX_METADATA
 
@@ -104,9 +105,14 @@ def run_code(ctl: Ctl, sid: SandboxId, req: m.RunCodeRequest) -> dict[str, Any]:
     return _code(lambda: ctl.call(sid, lambda c: c.run_code(req.code, timeout=req.timeout_s)))
 
 
-@router.post("/{sid}/exec", response_model=m.ExecResponse)
-def exec_(ctl: Ctl, sid: SandboxId, req: m.ExecRequest) -> dict[str, Any]:
-    """Run a program (no shell). A program or cwd that does not exist is a 400, not a 404."""
+@router.post("/{sid}/exec", response_model=m.ExecResponse, responses=processes.STREAM_RESPONSES)
+def exec_(ctl: Ctl, sid: SandboxId, req: m.ExecRequest) -> Any:
+    """Run a program (no shell). A program or cwd that does not exist is a 400, not a 404. With
+    ``stream: true`` the output comes as it is written (NDJSON ProcessEvents); ``max_output`` then does
+    not apply (nothing is kept)."""
+    if req.stream:
+        started = processes.start(ctl, sid, req, stdin_open=False)
+        return processes.stream(ctl, sid, int(started["pid"]), started)
     try:
         r = ctl.call(sid, lambda c: c.exec(req.command, env=req.env, cwd=req.cwd, stdin=req.stdin,
                                            timeout=req.timeout_s, max_output=req.max_output))
