@@ -83,11 +83,25 @@ def test_sandbox_commands_through_the_daemon(daemon) -> None:  # type: ignore[no
 
 def test_bench_local_and_daemon(snapshot: str, daemon) -> None:  # type: ignore[no-untyped-def]
     out = json.loads(forkd("bench", "--tag", snapshot, "-n", "2", "--json").stdout)
-    assert [s["step"].split()[0] for s in out["steps"]] == ["spawn", "exec", "eval", "fan-out", "cleanup"]
-    assert out["steps"][3]["detail"] == "2/2 up"
+    assert [s["step"].split()[0] for s in out["steps"]] == ["spawn", "exec", "eval", "branch", "fan-out", "cleanup"]
+    assert out["steps"][4]["detail"] == "2/2 up" and "pause" in out["steps"][3]["detail"]
     os.environ["FORKD_TOKEN"] = daemon.token
     try:
         out = json.loads(forkd("bench", "--tag", snapshot, "-n", "2", "--url", daemon.url, "--json").stdout)
     finally:
         os.environ.pop("FORKD_TOKEN", None)
-    assert out["target"] == daemon.url and out["steps"][-1]["detail"] == "3 killed"
+    assert out["target"] == daemon.url and out["steps"][-1]["detail"] == "3 killed, branch deleted"
+    assert [s["step"].split()[0] for s in out["steps"]][3] == "branch"
+
+
+def test_snapshot_commands_through_the_daemon(daemon, snapshot: str) -> None:  # type: ignore[no-untyped-def]
+    token_file = daemon.dir / "token"
+    remote = ["--url", daemon.url, "--token-file", str(token_file)]
+    made = json.loads(forkd("snapshot", *remote, "create", "--tag", "cli-remote", "--json").stdout)
+    assert made["tag"] == "cli-remote" and made["bootable"] is True
+    listed = json.loads(forkd("snapshot", *remote, "list", "--json").stdout)
+    assert {"cli-remote", snapshot} <= {s["tag"] for s in listed}
+    assert json.loads(forkd("snapshot", *remote, "info", "cli-remote", "--json").stdout)["memory_mib"] == 512
+    assert "deleted cli-remote" in forkd("snapshot", *remote, "rm", "cli-remote").stdout
+    p = forkd("snapshot", *remote, "info", "cli-remote", check=False)
+    assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1 and "not found" in p.stderr

@@ -1,7 +1,8 @@
-"""``forkd bench``: the spawn -> exec -> eval -> fan-out -> cleanup cycle with per-step timings."""
+"""``forkd bench``: the spawn -> exec -> eval -> branch -> fan-out -> cleanup cycle with per-step timings."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +33,7 @@ def local_cycle(tag: str, n: int, accel: str | None) -> list[dict[str, Any]]:
     eng = make_engine(accel)
     s = Steps()
     kids: list[Any] = []
+    branch_tag: str | None = None
     try:
         (first,) = s.run("spawn n=1", lambda: eng.spawn(tag, 1), lambda r: f"ready {r[0].child.ready_s * 1000:.0f} ms"
                          if r[0].child else str(r[0].error))
@@ -41,14 +43,25 @@ def local_cycle(tag: str, n: int, accel: str | None) -> list[dict[str, Any]]:
         s.run("exec sh -c 'echo bench'", lambda: first.child.exec(["/bin/sh", "-c", "echo bench"], timeout=30),
               lambda r: f"exit {r.exit_code}")
         s.run(f"eval {EXPR}", lambda: first.child.eval(EXPR), lambda r: r["repr"])
-        fan = s.run(f"fan-out n={n} (+eval each)", lambda: eng.spawn(tag, n, then=lambda c: c.eval(EXPR)),
+        br = s.run("branch (delta)", lambda: eng.branch(first.child, None, "delta"),
+                   lambda r: f"{r.snapshot.tag}: pause {r.pause_ms:.1f} ms, {r.dirty_bytes >> 10} KiB dirty")
+        branch_tag = br.snapshot.tag
+        fan = s.run(f"fan-out n={n} from the branch (+eval each)",
+                    lambda: eng.spawn(branch_tag, n, then=lambda c: c.eval(EXPR)),
                     lambda r: f"{sum(1 for x in r if x.child)}/{n} up")
         kids += [r.child for r in fan if r.child]
-        s.run("cleanup", lambda: [k.kill() for k in kids], lambda r: f"{len(r)} killed")
+        def cleanup() -> int:
+            for k in kids:
+                k.kill()
+            eng.delete_snapshot(br.snapshot.tag)
+            return len(kids)
+        s.run("cleanup", cleanup, lambda r: f"{r} killed, branch deleted")
         kids = []
     finally:
         for k in kids:
             k.kill()
+        if branch_tag is not None and eng.store.exists(branch_tag):
+            eng.delete_snapshot(branch_tag)
     return s.rows
 
 
@@ -57,22 +70,37 @@ def remote_cycle(url: str, token_file: Path | None, tag: str, n: int) -> list[di
 
     token = token_file.read_text().strip() if token_file else None
     s = Steps()
-    with Controller(url, token) as ctl:
+    with Controller(url, token, timeout=600.0) as ctl:
         kids: list[Any] = []
+        branch_tag: str | None = None
         try:
             (sb,) = s.run("spawn n=1", lambda: ctl.spawn_sandboxes(tag, 1), lambda r: r[0].id)
             kids.append(sb)
             s.run("exec sh -c 'echo bench'", lambda: sb.commands.run("echo bench", timeout=30),
                   lambda r: f"exit {r.exit_code}")
             s.run(f"eval {EXPR}", lambda: sb.eval(EXPR), repr)
-            fan = s.run(f"fan-out n={n}", lambda: ctl.spawn_sandboxes(tag, n), lambda r: f"{len(r)} up")
+            br = s.run("branch (delta)", lambda: sb.branch(mode="delta"),
+                       lambda r: f"{r.tag}: pause {r.pause_ms} ms")
+            branch_tag = str(br.tag)
+            fan = s.run(f"fan-out n={n} from the branch", lambda: ctl.spawn_sandboxes(str(br.tag), n),
+                        lambda r: f"{len(r)} up")
             kids += fan
+
+            def cleanup() -> int:
+                for k in kids:
+                    k.kill()
+                ctl.delete_snapshot(str(br.tag))
+                return len(kids)
             s.run(f"eval x{n}", lambda: [k.eval(EXPR) for k in fan], lambda r: f"{len(r)} answered")
-            s.run("cleanup", lambda: [k.kill() for k in kids], lambda r: f"{len(r)} killed")
+            s.run("cleanup", cleanup, lambda r: f"{r} killed, branch deleted")
             kids = []
+            branch_tag = None
         finally:
             for k in kids:
                 k.kill()
+            if branch_tag is not None:
+                with contextlib.suppress(Exception):
+                    ctl.delete_snapshot(branch_tag)
     return s.rows
 
 

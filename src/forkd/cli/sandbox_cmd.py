@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import click
 
-from forkd.cli.common import accel_option, json_option, make_engine
+from forkd.cli.common import accel_option, json_option, make_engine, remote_controller
 from forkd.cli.output import console, error, handle_errors, print_json, table
 from forkd.errors import ForkdError, ValidationError
 from forkd.limits import BRANCH_MODES, MAX_CHILDREN
@@ -83,10 +83,7 @@ class RemoteBackend:
     """A forkd-controller, through the SDK."""
 
     def __init__(self, url: str, token_file: Path | None) -> None:
-        from forkd.sdk import Controller
-
-        token = token_file.read_text().strip() if token_file else None
-        self.ctl = Controller(url, token)
+        self.ctl = remote_controller(url, token_file)
 
     def spawn(self, tag: str, n: int, network: str) -> list[dict[str, Any]]:
         res = self.ctl.spawn_sandboxes(tag, n, network=network, return_exceptions=True)

@@ -1,19 +1,33 @@
-"""``forkd snapshot create|list|info|rm``."""
+"""``forkd snapshot create|list|info|rm|compact``, on this machine or (``--url``) on a forkd-controller."""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
+from typing import Any
 
 import click
 
-from forkd.cli.common import accel_option, json_option, make_engine
+from forkd.cli.common import accel_option, daemon_options, json_option, make_engine, remote_controller
 from forkd.cli.image_cmd import build_with_progress
 from forkd.cli.output import console, handle_errors, print_json, table
 
 
 @click.group()
-def snapshot() -> None:
-    """Warmed parent snapshots that children are forked from."""
+@daemon_options
+@click.pass_context
+def snapshot(ctx: click.Context, url: str | None, token_file: Path | None) -> None:
+    """Warmed parent snapshots that children are forked from (on a forkd-controller with --url)."""
+    ctx.obj = {"url": url, "token_file": token_file}
+
+
+def _remote(ctx: click.Context) -> Any:
+    o = ctx.obj or {}
+    return remote_controller(o["url"], o["token_file"]) if o.get("url") else None
+
+
+def _summary(info: Any) -> dict[str, Any]:
+    return dict(info.__dict__)
 
 
 @snapshot.command("create")
@@ -27,13 +41,25 @@ def snapshot() -> None:
               "default: the built-in Python + numpy image.")
 @accel_option
 @json_option
+@click.pass_context
 @handle_errors
-def create(tag: str, memory_mib: int, vcpus: int, warm_code: str | None, boot_timeout: float,
+def create(ctx: click.Context, tag: str, memory_mib: int, vcpus: int, warm_code: str | None, boot_timeout: float,
            keep_workdir: bool, image_name: str | None, accel: str | None, as_json: bool) -> None:
     """Boot a parent VM from the guest image, warm it, and save it as snapshot TAG."""
     from forkd.guest.image import find_image
     from forkd.guest.recipe import find_named
 
+    remote = _remote(ctx)
+    if remote is not None:
+        with remote:
+            info = remote.create_snapshot(tag, memory_mib=memory_mib, vcpus=vcpus, warm_code=warm_code,
+                                          boot_timeout=boot_timeout, image=image_name)
+        if as_json:
+            print_json(_summary(info))
+        else:
+            console.print(f"snapshot {tag} created on {ctx.obj['url']}: {info.memory_mib} MiB RAM, "
+                          f"accel {info.accel}", highlight=False)
+        return
     eng = make_engine(accel)
     image = find_named(image_name) if image_name else find_image()
     if image is None:
@@ -60,9 +86,21 @@ def create(tag: str, memory_mib: int, vcpus: int, warm_code: str | None, boot_ti
 
 @snapshot.command("list")
 @json_option
+@click.pass_context
 @handle_errors
-def list_(as_json: bool) -> None:
+def list_(ctx: click.Context, as_json: bool) -> None:
     """List snapshots."""
+    remote = _remote(ctx)
+    if remote is not None:
+        with remote:
+            snaps = remote.list_snapshots()
+        if as_json:
+            print_json([_summary(s) for s in snaps])
+            return
+        table(f"snapshots on {ctx.obj['url']}", ["TAG", "ACCEL", "RAM MIB", "CREATED", "STATUS"],
+              [(s.tag, s.accel, s.memory_mib or "", time.strftime("%Y-%m-%d %H:%M", time.localtime(s.created_at))
+                if s.created_at else "", "ok" if s.bootable else f"NOT BOOTABLE: {s.warning}") for s in snaps])
+        return
     eng = make_engine()
     entries = eng.store.list()
     if as_json:
@@ -82,10 +120,16 @@ def list_(as_json: bool) -> None:
 @snapshot.command("info")
 @click.argument("tag")
 @json_option
+@click.pass_context
 @handle_errors
-def info(tag: str, as_json: bool) -> None:
+def info(ctx: click.Context, tag: str, as_json: bool) -> None:
     """Show one snapshot's metadata."""
-    s = make_engine().store.open(tag).summary()
+    remote = _remote(ctx)
+    if remote is not None:
+        with remote:
+            s = _summary(remote.snapshot_info(tag))
+    else:
+        s = make_engine().store.open(tag).summary()
     if as_json:
         print_json(s)
         return
@@ -97,9 +141,17 @@ def info(tag: str, as_json: bool) -> None:
 @click.argument("tags", nargs=-1, required=True)
 @click.option("--cascade", is_flag=True, help="Also delete the branches that depend on it.")
 @click.option("--force", is_flag=True, help="Delete it even though branches depend on it (orphans them).")
+@click.pass_context
 @handle_errors
-def rm(tags: tuple[str, ...], cascade: bool, force: bool) -> None:
+def rm(ctx: click.Context, tags: tuple[str, ...], cascade: bool, force: bool) -> None:
     """Delete snapshots."""
+    remote = _remote(ctx)
+    if remote is not None:
+        with remote:
+            for tag in tags:
+                remote.delete_snapshot(tag, force=force, cascade=cascade)
+                console.print(f"deleted {tag}", highlight=False)
+        return
     eng = make_engine()
     for tag in tags:
         for t in eng.delete_snapshot(tag, cascade=cascade, force=force):
@@ -110,11 +162,17 @@ def rm(tags: tuple[str, ...], cascade: bool, force: bool) -> None:
 @click.argument("tag")
 @click.option("--to", "to", required=True, help="Tag of the flat, parentless copy.")
 @json_option
+@click.pass_context
 @handle_errors
-def compact(tag: str, to: str, as_json: bool) -> None:
+def compact(ctx: click.Context, tag: str, to: str, as_json: bool) -> None:
     """Write a flat, parentless copy of a branch snapshot."""
-    snap = make_engine().compact(tag, to)
+    remote = _remote(ctx)
+    if remote is not None:
+        with remote:
+            out = _summary(remote.compact_snapshot(tag, to))
+    else:
+        out = make_engine().compact(tag, to).summary()
     if as_json:
-        print_json(snap.summary())
+        print_json(out)
     else:
         console.print(f"snapshot {to} written (from {tag})", highlight=False)
