@@ -28,6 +28,21 @@ MAX_FILE_BYTES = 256 << 20
 PROC_READ_MAX = 4 << 20
 
 
+def _command(argv: list[str], env: dict[str, str] | None, cwd: str | None,
+             stdin: str | bytes | None) -> dict[str, Any]:
+    """The agent's fields for a command (exec, proc_start)."""
+    args: dict[str, Any] = {"argv": list(argv)}
+    if env is not None:
+        args["env"] = env
+    if cwd is not None:
+        args["cwd"] = cwd
+    if isinstance(stdin, bytes):
+        args["stdin_b64"] = base64.b64encode(stdin).decode()
+    elif stdin is not None:
+        args["stdin"] = stdin
+    return args
+
+
 @dataclass(frozen=True)
 class ProcessOutput:
     """One read of a process's output; ``exited`` (with ``exit_code``) once it ended and all was read."""
@@ -209,15 +224,7 @@ class Child:
         """Run a process in the guest. ``timeout`` (seconds) kills its process group when it expires.
         ``max_output`` (bytes kept per stream) is at most EXEC_OUTPUT_MAX, so that the reply fits in a line
         the host accepts; beyond, the output is truncated as if asked for that much."""
-        args: dict[str, Any] = {"argv": list(argv), "timeout": timeout, "max_output": min(max_output, EXEC_OUTPUT_MAX)}
-        if env is not None:
-            args["env"] = env
-        if cwd is not None:
-            args["cwd"] = cwd
-        if isinstance(stdin, bytes):
-            args["stdin_b64"] = base64.b64encode(stdin).decode()
-        elif stdin is not None:
-            args["stdin"] = stdin
+        args = {**_command(argv, env, cwd, stdin), "timeout": timeout, "max_output": min(max_output, EXEC_OUTPUT_MAX)}
         wait = None if timeout is None else timeout + 30.0
         return ExecResult.from_reply(self.vm.channel.call("exec", reply_timeout=wait, **args))
 
@@ -229,15 +236,7 @@ class Child:
         Its output waits in the guest (1 MiB per stream; then the process blocks) for :meth:`read_process`.
         ``timeout`` (seconds, None: none) kills its process group; ``stdin_open`` keeps stdin for
         :meth:`write_process`."""
-        args: dict[str, Any] = {"argv": list(argv), "timeout": timeout, "stdin_open": stdin_open}
-        if env is not None:
-            args["env"] = env
-        if cwd is not None:
-            args["cwd"] = cwd
-        if isinstance(stdin, bytes):
-            args["stdin_b64"] = base64.b64encode(stdin).decode()
-        elif stdin is not None:
-            args["stdin"] = stdin
+        args = {**_command(argv, env, cwd, stdin), "timeout": timeout, "stdin_open": stdin_open}
         return self._checked_proc(self.vm.channel.call("proc_start", reply_timeout=reply_timeout, **args))
 
     def read_process(self, pid: int, wait: float = 10.0, max_bytes: int = PROC_READ_MAX) -> ProcessOutput:
