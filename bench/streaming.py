@@ -2,8 +2,10 @@
 """Streaming cost: a command that writes 10 MB, run through forkd-controller buffered (one ExecResponse
 at the end, 1 MiB kept per stream but all of it drained) and streamed (NDJSON events, every byte
 delivered to the SDK's ``on_stdout``), interleaved in one run in one sandbox (buffered, streamed,
-streamed, buffered, ...). Prints JSON: per-round walls, medians and streamed / buffered; also the
-time to the first streamed chunk.
+streamed, buffered, ...). A third form reads the same command's output straight from a child of
+the engine (no daemon, no HTTP), so that the ratio splits into the guest's part and the daemon's.
+Prints JSON: per-round walls, medians, streamed / buffered and engine / buffered; also the time to
+the first streamed chunk.
 
 Usage: python3 bench/streaming.py [--mb 10] [--rounds 6]
 """
@@ -41,17 +43,27 @@ def main() -> None:
     eng.create_snapshot(tag, image=build_image())
     work = Path(tempfile.mkdtemp(prefix="forkd-bench-"))
     proc, url, headers = start_daemon(eng.store.root, work)
-    rounds: dict[str, list[float]] = {"buffered": [], "streamed": []}
+    rounds: dict[str, list[float]] = {"buffered": [], "streamed": [], "engine": []}
+    direct = eng.spawn(tag, 1)[0].child
+    assert direct is not None
     first_chunk: list[float] = []
     try:
         with Controller(url, headers["Authorization"].split()[1], timeout=1800) as ctl, \
                 ctl.spawn_sandbox(tag, timeout=600) as sb:
             sb.commands.run(cmd, timeout=600)  # warm the guest's page cache and code paths
             for i in range(args.rounds):
-                for mode in (("buffered", "streamed") if i % 2 == 0 else ("streamed", "buffered")):
+                order = ("buffered", "streamed", "engine")
+                for mode in (order if i % 2 == 0 else order[::-1]):
                     got = [0]
                     first: list[float] = []
                     t0 = time.monotonic()
+                    if mode == "engine":
+                        pid = direct.start_process(["/bin/sh", "-c", cmd], timeout=600)["pid"]
+                        n = sum(len(c.stdout) for c in direct.stream_process(pid))
+                        rounds[mode].append(round(time.monotonic() - t0, 3))
+                        if n != size:
+                            raise SystemExit(f"engine: {n} bytes of {size}")
+                        continue
                     if mode == "buffered":
                         r = sb.commands.run(cmd, timeout=600)
                         got[0] = len(r.stdout)
@@ -69,6 +81,7 @@ def main() -> None:
                     if r.exit_code != 0:
                         raise SystemExit(f"{mode}: exit {r.exit_code}")
     finally:
+        direct.kill()
         proc.terminate()
         proc.wait(60)
         eng.delete_snapshot(tag)
@@ -78,6 +91,7 @@ def main() -> None:
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rounds": rounds,
         "median_s": {k: round(v, 3) for k, v in med.items()},
         "streamed_over_buffered": round(med["streamed"] / med["buffered"], 3),
+        "engine_streamed_over_buffered": round(med["engine"] / med["buffered"], 3),
         "streamed_first_chunk_ms_median": statistics.median(first_chunk) if first_chunk else None,
         "streamed_mb_per_s": round(size / med["streamed"] / 1e6, 1),
     }

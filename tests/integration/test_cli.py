@@ -105,3 +105,16 @@ def test_snapshot_commands_through_the_daemon(daemon, snapshot: str) -> None:  #
     assert "deleted cli-remote" in forkd("snapshot", *remote, "rm", "cli-remote").stdout
     p = forkd("snapshot", *remote, "info", "cli-remote", check=False)
     assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1 and "not found" in p.stderr
+
+
+def test_pack_and_unpack_through_the_daemon(daemon, snapshot: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    remote = ["--url", daemon.url, "--token-file", str(daemon.dir / "token")]
+    out = tmp_path / "cli.tar.zst"
+    packed = json.loads(forkd("pack", "--tag", snapshot, "--out", str(out), "--level", "1", *remote, "--json").stdout)
+    assert packed["chain"] == [snapshot] and packed["bytes_out"] == out.stat().st_size
+    got = json.loads(forkd("unpack", str(out), "--tag", "cli-unpacked", *remote, "--json").stdout)
+    assert got["tags"] == got["registered"] == ["cli-unpacked"]
+    assert "cli-unpacked" in forkd("snapshot", *remote, "list").stdout
+    forkd("snapshot", *remote, "rm", "cli-unpacked")
+    bad = forkd("unpack", str(tmp_path / "missing.tar.zst"), *remote, check=False)
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from conftest import Daemon
@@ -172,7 +173,7 @@ def test_timed_out_code_is_interrupted_and_the_sandbox_answers_again(ctl: Contro
         assert sb.eval("1 + 1", timeout=60) == 2
         r = sb.interrupt()
         assert (r.found, r.stuck) == (1, 1)  # the sleeper is still there
-        assert sb.interrupt().found == 1 and sb.ping().agent_version == "2"
+        assert sb.interrupt().found == 1 and sb.ping().agent_version == "3"
 
 
 def test_streamed_command_delivers_output_before_it_ends(ctl: Controller, snapshot: str) -> None:
@@ -193,6 +194,30 @@ def test_streamed_command_delivers_output_before_it_ends(ctl: Controller, snapsh
         assert "".join(errs) == "oops\n" == r.stderr and r.exit_code == 7 and not r.timed_out
 
 
+def test_streamed_run_code_delivers_output_before_it_ends(ctl: Controller, snapshot: str) -> None:
+    """As for commands: the code can finish only if its first line reached the client while it ran."""
+    with ctl.spawn_sandbox(snapshot, timeout=TIMEOUT) as sb:
+        seen: list[str] = []
+        errs: list[str] = []
+
+        def on_stdout(text: str) -> None:
+            seen.append(text)
+            if "first" in "".join(seen) and not sb.files.exists("/tmp/go-code"):
+                sb.files.write("/tmp/go-code", "")
+
+        ex = sb.run_code("import sys\nprint('first')\nwhile not os.path.exists('/tmp/go-code'):\n"
+                         "    time.sleep(0.05)\nprint('second é')\nprint('oops', file=sys.stderr)\n6 * 7",
+                         on_stdout=on_stdout, on_stderr=errs.append, timeout=120)
+        assert "".join(seen) == "first\nsecond é\n" == ex.stdout
+        assert "".join(errs) == "oops\n" == ex.stderr and ex.value == 42
+        with pytest.raises(CodeError, match="ZeroDivisionError") as raised:
+            sb.run_code("print('so far')\n1/0", on_stdout=seen.append)
+        assert raised.value.stdout == "so far\n"
+        with pytest.raises(GatewayTimeoutError, match="interrupted"):
+            sb.run_code("print('spinning')\nwhile True:\n    pass", on_stdout=seen.append, timeout=2)
+        assert seen[-1] == "spinning\n" and sb.eval("2 + 2", timeout=60) == 4
+
+
 def test_background_processes_are_listed_fed_and_killed(ctl: Controller, snapshot: str) -> None:
     with ctl.spawn_sandbox(snapshot, timeout=TIMEOUT) as sb:
         cat = sb.commands.run(["cat"], background=True, timeout=None)
@@ -208,3 +233,35 @@ def test_background_processes_are_listed_fed_and_killed(ctl: Controller, snapsho
         assert sb.commands.list() == []  # both read to the end: forgotten
         with pytest.raises(NotFoundError):
             sb.commands.connect(cat.pid)
+
+
+def test_pack_and_unpack_through_the_daemon(ctl: Controller, snapshot: str, tmp_path: Path, daemon: Daemon) -> None:
+    out = tmp_path / "p.tar.zst"
+    r = ctl.pack_snapshot(snapshot, out, level=1)
+    assert r.chain == [snapshot] and r.bytes == out.stat().st_size > 0 and r.path == str(out)
+    assert not (tmp_path / "p.tar.zst.partial").exists()
+    with pytest.raises(FileExistsError):
+        ctl.pack_snapshot(snapshot, out)
+    with pytest.raises(NotFoundError):
+        ctl.pack_snapshot("no-such-snapshot", tmp_path / "q.tar.zst")
+    assert not (tmp_path / "q.tar.zst").exists() and not (tmp_path / "q.tar.zst.partial").exists()
+    # a damaged pack is refused whole and registers nothing
+    bad = tmp_path / "bad.tar.zst"
+    data = bytearray(out.read_bytes()[: 4 << 20])
+    data[len(data) // 2] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    with pytest.raises(BadRequestError):
+        ctl.unpack_snapshot(bad, tag="from-bad-pack")
+    assert "from-bad-pack" not in [s.tag for s in ctl.list_snapshots()]
+    u = ctl.unpack_snapshot(out, tag="from-daemon-pack")
+    assert u.tags == ["from-daemon-pack"] == u.registered and not u.replaced
+    try:
+        with ctl.spawn_sandbox("from-daemon-pack", timeout=TIMEOUT) as sb:
+            assert sb.eval("6 * 7") == 42
+        again = ctl.unpack_snapshot(out, tag="from-daemon-pack")  # the same files: left as they are
+        assert again.reused == ["from-daemon-pack"] and not again.registered
+    finally:
+        ctl.delete_snapshot("from-daemon-pack")
+    scratch = [p.name for p in Path(daemon.args[daemon.args.index("--snapshot-root") + 1]).iterdir()
+               if p.name.startswith(".staging-")]
+    assert scratch == []  # nothing of the pack or the uploads is left in the store

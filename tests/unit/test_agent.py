@@ -36,6 +36,7 @@ class AgentClient:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
         )
         self._ids = itertools.count(1)
+        self.stash: dict[Any, dict[str, Any]] = {}
         self._inbox: queue.Queue[dict[str, Any] | None] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
         self.ready = self.recv()
@@ -43,7 +44,10 @@ class AgentClient:
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
-            self._inbox.put(json.loads(line))
+            msg = json.loads(line)
+            if "raw" in msg:  # a raw frame follows the line (requests with raw=true)
+                msg["raw_bytes"] = self.proc.stdout.read(msg["raw"])
+            self._inbox.put(msg)
         self._inbox.put(None)
 
     def send_raw(self, data: bytes) -> None:
@@ -60,6 +64,13 @@ class AgentClient:
         msg = self._inbox.get(timeout=timeout)
         assert msg is not None, "agent closed its stdout"
         return msg
+
+    def reply_to(self, rid: int) -> dict[str, Any]:
+        """The reply to ``rid``; replies to other requests that come first are kept for their turn."""
+        while rid not in self.stash:
+            msg = self.recv()
+            self.stash[msg["id"]] = msg
+        return self.stash.pop(rid)
 
     def call(self, op: str, **args: Any) -> dict[str, Any]:
         """Send one request and return its reply (requests are not overlapped here)."""
@@ -106,7 +117,7 @@ def b64(data: bytes) -> str:
 def test_ready_line(agent: AgentClient) -> None:
     ready = agent.ready
     assert ready["event"] == "ready"
-    assert ready["agent_version"] == "2"
+    assert ready["agent_version"] == "3"
     assert ready["pid"] == agent.proc.pid
     assert re.fullmatch(r"3\.\d+\.\d+", ready["python"])
     assert ready["numpy"] is None or isinstance(ready["numpy"], str)
@@ -114,7 +125,7 @@ def test_ready_line(agent: AgentClient) -> None:
 
 def test_ping(agent: AgentClient) -> None:
     r = agent.ok("ping")
-    assert r["agent_version"] == "2"
+    assert r["agent_version"] == "3"
     assert r["pid"] == agent.proc.pid
     assert isinstance(r["uptime_s"], float) and r["uptime_s"] >= 0
     assert abs(r["time"] - time.time()) < 600
@@ -398,7 +409,7 @@ def test_malformed_requests(agent: AgentClient, line: bytes, rid: Any, etype: st
 
 def test_blank_lines_are_ignored(agent: AgentClient) -> None:
     agent.send_raw(b"\n  \n")
-    assert agent.ok("ping")["agent_version"] == "2"
+    assert agent.ok("ping")["agent_version"] == "3"
 
 
 # ---------------------------------------------------------------- concurrency
@@ -537,3 +548,69 @@ def test_process_timeout_kills_the_group(agent: AgentClient) -> None:
     p = agent.ok("proc_start", argv=["sh", "-c", "sleep 600 & sleep 600"], timeout=1)
     _, _, last = _read_all(agent, p["pid"])
     assert last["timed_out"] is True and last["exit_code"] == -9
+
+
+def test_a_raw_output_read_carries_the_bytes_after_the_line(agent: AgentClient) -> None:
+    started = agent.ok("proc_start", argv=["sh", "-c", "cat; printf err >&2"], stdin_b64=b64(ALL_BYTES * 4))
+    out = err = b""
+    while True:
+        reply = agent.call("proc_read", pid=started["pid"], wait=10, raw=True)
+        r, data = reply["result"], reply["raw_bytes"]
+        assert "stdout_b64" not in r and reply["raw"] == len(data) == r["stdout_len"] + r["stderr_len"]
+        out, err = out + data[:r["stdout_len"]], err + data[r["stdout_len"]:]
+        if r["exited"]:
+            break
+    assert (out, err, r["exit_code"]) == (ALL_BYTES * 4, b"err", 0)
+    assert agent.ok("ping")["agent_version"] == "3"  # the stream goes on after the frames
+
+
+def _cell_reads(agent: AgentClient, run: str) -> Iterator[tuple[float, bytes, bytes, bool]]:
+    while True:
+        reply = agent.reply_to(agent.send("run_read", run=run, wait=10, raw=True))
+        assert reply["ok"], reply
+        r, data = reply["result"], reply["raw_bytes"]
+        yield time.monotonic(), data[:r["stdout_len"]], data[r["stdout_len"]:], r["done"]
+        if r["done"]:
+            return
+
+
+def test_a_streamed_run_code_gives_its_output_as_it_is_written(agent: AgentClient) -> None:
+    rid = agent.send("run_code", run="cell-1", stream=True,
+                     code="import sys\nprint('first')\ntime.sleep(2)\nprint('é' * 3, file=sys.stderr)\n41 + 1")
+    reads = list(_cell_reads(agent, "cell-1"))
+    reply = agent.reply_to(rid)
+    assert reply["id"] == rid and reply["ok"], reply
+    assert reply["result"]["stdout"] == "" and reply["result"]["value"] == 42  # the output was streamed
+    assert reads[0][1] == b"first\n" and not reads[0][3]  # before the sleep ended: the cell still runs
+    assert b"".join(r[2] for r in reads) == "ééé\n".encode()
+    assert agent.err("run_read", run="cell-1", wait=0)["type"] == "LookupError"  # read out: forgotten
+
+
+def test_a_streamed_run_code_that_raises_keeps_its_output_for_the_reader(agent: AgentClient) -> None:
+    rid = agent.send("run_code", run="cell-2", stream=True, code="print('before')\n1/0")
+    out = b"".join(r[1] for r in _cell_reads(agent, "cell-2"))
+    reply = agent.reply_to(rid)
+    assert reply["id"] == rid and not reply["ok"] and reply["error"]["type"] == "ZeroDivisionError"
+    assert out == b"before\n"
+
+
+def test_a_streamed_run_code_blocked_on_a_full_stream_can_be_interrupted(agent: AgentClient) -> None:
+    # nobody reads: the cell's stdout fills (1 MiB) and print waits, interruptibly
+    rid = agent.send("run_code", run="cell-3", stream=True, code="while True:\n    print('x' * 65536)")
+    time.sleep(2)
+    stop = agent.send("interrupt", run="cell-3", grace=10)
+    replies = _replies(agent, stop, rid)
+    assert replies[stop]["result"]["stopped"] == 1
+    assert replies[rid]["error"]["type"] == "KeyboardInterrupt"
+    kept = sum(len(r[1]) for r in _cell_reads(agent, "cell-3"))
+    assert 0 < kept <= 1024 * 1024 + 65537
+    assert agent.ok("eval", expr="'next'")["value"] == "next"
+
+
+def test_run_read_of_an_unknown_run_and_a_reused_token(agent: AgentClient) -> None:
+    assert agent.err("run_read", run="never", wait=0.2)["type"] == "LookupError"
+    rid = agent.send("run_code", run="dup", stream=True, code="time.sleep(3)")
+    time.sleep(0.3)
+    assert agent.reply_to(agent.send("run_code", run="dup", stream=True, code="1"))["error"]["type"] == "BadRequest"
+    list(_cell_reads(agent, "dup"))
+    assert agent.reply_to(rid)["ok"]

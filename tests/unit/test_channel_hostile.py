@@ -316,3 +316,71 @@ def test_a_lying_file_read_reply_is_a_violation(pair: Any, lie: Any, what: str) 
     with pytest.raises(ChannelClosedError, match=what):
         FileChunks(ch, "/f", max_bytes=1000, timeout=10)
     assert len(reasons) == 1 and what in reasons[0]
+
+
+# ---------------------------------------------------------------- raw frames (output reads)
+
+def test_a_raw_frame_follows_its_line_even_split_across_writes(pair: Any) -> None:
+    ch, guest, reasons = pair()
+    fut = ch.submit("proc_read", pid=1, raw=True)
+    req = guest.request()
+    data = bytes(range(256)) * 3 + b"\n{not json\n"
+    line = json.dumps({"id": req["id"], "ok": True, "result": {"stdout_len": len(data)}, "raw": len(data)})
+    wire = line.encode() + b"\n" + data
+    for i in range(0, len(wire), 97):
+        guest.sendraw(wire[i:i + 97])
+    got = ch.result("proc_read", fut, 10)
+    assert got[channel_mod.RAW] == data and got["stdout_len"] == len(data)
+    fut = ch.submit("ping")
+    guest.reply(guest.request(), {"pong": True})
+    assert ch.result("ping", fut, 10) == {"pong": True} and reasons == []
+
+
+def test_raw_bytes_nobody_asked_for_are_a_violation(pair: Any) -> None:
+    ch, guest, reasons = pair()
+    fut = ch.submit("ping")
+    req = guest.request()
+    guest.send({"id": req["id"], "ok": True, "result": {}, "raw": 4})
+    with pytest.raises(ChannelClosedError, match="not asked for"):
+        ch.result("ping", fut, 10)
+    closed_with(ch, reasons, f"a reply to id {req['id']} announcing 4 raw bytes that it was not asked for")
+
+
+@pytest.mark.parametrize("n", [channel_mod.RAW_MAX + 1, -1, "12", True])
+def test_a_raw_frame_too_large_or_malformed_is_a_violation(pair: Any, n: Any) -> None:
+    ch, guest, reasons = pair()
+    fut = ch.submit("proc_read", pid=1, raw=True)
+    req = guest.request()
+    guest.send({"id": req["id"], "ok": True, "result": {}, "raw": n})
+    with pytest.raises(ChannelClosedError, match="raw bytes"):
+        ch.result("proc_read", fut, 10)
+    assert ch.violation is not None and "raw bytes" in ch.violation and len(reasons) == 1
+
+
+def test_a_raw_result_key_sent_as_json_is_not_taken_for_bytes(pair: Any) -> None:
+    ch, guest, _ = pair()
+    fut = ch.submit("proc_read", pid=1, raw=True)
+    guest.reply(guest.request(), {channel_mod.RAW: "AAAA", "stdout_len": 3})
+    assert channel_mod.RAW not in ch.result("proc_read", fut, 10)
+
+
+def test_the_raw_frame_of_a_late_reply_is_skipped(pair: Any) -> None:
+    ch, guest, reasons = pair()
+    with pytest.raises(AgentTimeoutError):
+        ch.call("proc_read", reply_timeout=0.05, pid=1, raw=True)
+    late = guest.request()
+    guest.sendraw(json.dumps({"id": late["id"], "ok": True, "result": {}, "raw": 5}).encode() + b"\n" + b'{"x"\n')
+    fut = ch.submit("ping")
+    guest.reply(guest.request(), {"pong": True})
+    assert ch.result("ping", fut, 10) == {"pong": True} and reasons == []
+
+
+def test_a_guest_that_goes_away_inside_a_raw_frame_fails_the_read(pair: Any) -> None:
+    ch, guest, reasons = pair()
+    fut = ch.submit("proc_read", pid=1, raw=True)
+    req = guest.request()
+    guest.sendraw(json.dumps({"id": req["id"], "ok": True, "result": {}, "raw": 100}).encode() + b"\nshort")
+    guest.close()
+    with pytest.raises(ChannelClosedError):
+        ch.result("proc_read", fut, 10)
+    assert reasons == []

@@ -46,13 +46,15 @@ SDK_CALLS: list[Callable[[], b.Call[Any] | b.StreamCall]] = [
     lambda: b.op_start_process(SID, ["cat"], {"A": "1"}, "/", "x", None, True),
     lambda: b.op_list_processes(SID), lambda: b.op_process_stream(SID, 42),
     lambda: b.op_process_stdin(SID, 42, b"\x00", True), lambda: b.op_process_kill(SID, 42, "TERM"),
+    lambda: b.op_run_code_stream(SID, "print(1)", 10.0),
+    lambda: b.op_pack(TAG, 19), lambda: b.op_unpack(__file__, "renamed", True),
 ]
 #: SDK result type -> the schema of the daemon's answer
 RESULTS = {sm.VersionInfo: "Version", sm.SnapshotInfo: "SnapshotInfo", sm.BranchResult: "BranchResponse",
            sm.SandboxInfo: "SandboxInfo", sm.SpawnEntry: "SpawnEntry", sm.PingResult: "PingResponse",
            sm.InterruptResult: "InterruptResponse", sm.PendingSnapshot: "PendingSnapshot",
            sm.EvalResult: "EvalResponse", sm.Execution: "RunCodeResponse", sm.CommandResult: "ExecResponse",
-           sm.FileEntry: "FileEntry", sm.ProcessInfo: "ProcessInfo"}
+           sm.FileEntry: "FileEntry", sm.ProcessInfo: "ProcessInfo", sm.UnpackResult: "UnpackResponse"}
 
 
 @pytest.fixture(scope="module")

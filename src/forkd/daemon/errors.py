@@ -20,6 +20,7 @@ from forkd.errors import (
     FileTooLargeError,
     ForkdError,
     ImageNotFoundError,
+    PackError,
     SnapshotExistsError,
     SnapshotInvalidError,
     SnapshotNotFoundError,
@@ -33,7 +34,7 @@ STATUS: tuple[tuple[tuple[type[Exception], ...], int], ...] = (
     ((Busy,), 503),
     ((NotFound, SnapshotNotFoundError, ImageNotFoundError), 404),
     ((Conflict, SnapshotExistsError, SnapshotInvalidError, DependentsError, BusyError), 409),
-    ((ValidationError,), 400),
+    ((ValidationError, PackError), 400),
     ((FileTooLargeError,), 413),
     ((AgentTimeoutError,), 504),
 )

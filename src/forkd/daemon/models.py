@@ -155,6 +155,17 @@ class CompactRequest(Strict):
     to: str = Field(pattern=TAG_PATTERN, description="Tag of the flat, parentless copy.")
 
 
+class UnpackResponse(BaseModel):
+    """What an unpack registered: the pack's chain as it now is here, root first (its snapshot last)."""
+
+    tags: list[str]
+    registered: list[str] = Field(description="Written now (new, or replaced with force).")
+    reused: list[str] = Field(description="Already here with the same files: left as they were.")
+    replaced: list[str] = Field(description="Among registered: were here with other content.")
+    warnings: list[str] = Field(description="Why this host might refuse to restore them (QEMU, accelerator).")
+    seconds: float
+
+
 class CreateSandboxesRequest(Strict):
     snapshot_tag: str = Field(pattern=TAG_PATTERN)
     n: int = Field(1, ge=1, le=MAX_CHILDREN, description="Number of children.")
@@ -256,6 +267,8 @@ class EvalResponse(BaseModel):
 class RunCodeRequest(Strict):
     code: str = Field(max_length=MAX_CODE_BYTES, description="Python statements; state persists between calls.")
     timeout_s: float = Field(60.0, gt=0, le=MAX_TIMEOUT_S)
+    stream: bool = Field(False, description="true: answer with the output as the code writes it, NDJSON "
+                                            "RunCodeEvents (application/x-ndjson), the result last.")
 
 
 class RunCodeResponse(BaseModel):
@@ -265,6 +278,23 @@ class RunCodeResponse(BaseModel):
     repr: str | None = None
     value: Any = None
     error: CodeError | None = None
+
+
+class RunCodeEvent(BaseModel):
+    """One line of a streamed run_code: ``stdout``/``stderr`` chunks, then one ``result`` (its
+    ``stdout``/``stderr`` empty: they were streamed) or, when the stream cannot go on, ``error``."""
+
+    type: Literal["stdout", "stderr", "result", "error"]
+    data: str | None = Field(None, description="stdout, stderr: text (UTF-8, invalid bytes replaced)")
+    ok: bool | None = Field(None, description="result: false if the code raised (see error)")
+    stdout: str | None = Field(None, description="result: empty")
+    stderr: str | None = Field(None, description="result: empty")
+    repr: str | None = Field(None, description="result: the last expression's repr")
+    value: Any = Field(None, description="result: the last expression's value, when it is JSON")
+    error: CodeError | str | None = Field(
+        None, description="result: what the code raised; error: why the stream ends (a string)")
+    status: int | None = Field(None, description="error: the HTTP status the failure would have had (504: "
+                                                 "the code timed out and was interrupted)")
 
 
 class ExecRequest(Strict):
@@ -331,6 +361,7 @@ class ProcessEvent(BaseModel):
     timed_out: bool | None = Field(None, description="exit")
     duration_s: float | None = Field(None, description="exit")
     error: str | None = Field(None, description="error: the stream ends here")
+    status: int | None = Field(None, description="error: the HTTP status the failure would have had")
 
 
 class StdinRequest(Strict):

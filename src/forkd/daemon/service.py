@@ -77,6 +77,10 @@ class Sandbox:
                 "created_at_unix": int(self.created_at), "guest_addr": None, "has_branched": self.branch_count > 0}
 
 
+#: packs and unpacks at once (each reads or writes GiBs)
+PACKS_IN_FLIGHT = 2
+
+
 class Controller:
     def __init__(self, engine: Engine, state: StateFile, pool_size: int = 0,
                  default_lifetime_s: float | None = None) -> None:
@@ -94,6 +98,7 @@ class Controller:
         self._branch_slots: threading.BoundedSemaphore | None = None
         self._pending: dict[str, dict[str, Any]] = {}  # branch tag -> {"status": "writing"|"failed", ...}
         self.spawn_observer: Any = None  # callback(seconds) per restored child, for metrics
+        self._pack_slots = threading.BoundedSemaphore(PACKS_IN_FLIGHT)
 
     # -- lifecycle
     def reconcile(self) -> dict[str, list[str]]:
@@ -236,6 +241,54 @@ class Controller:
     def compact(self, tag: str, to: str) -> dict[str, Any]:
         snap = self.engine.compact(tag, to)
         return self._describe(snap.summary(), chain=True)
+
+    # -- packs
+    def _pack_slot(self) -> threading.BoundedSemaphore:
+        if not self._pack_slots.acquire(blocking=False):
+            raise Busy(f"{PACKS_IN_FLIGHT} packs or unpacks are already in flight; retry later")
+        return self._pack_slots
+
+    def pack(self, tag: str, level: int) -> tuple[Path, dict[str, Any]]:
+        """Pack ``tag`` (and its chain) into a staging directory of the store: (the file, what was
+        packed). The caller removes the file's directory (``discard_pack``) once it is sent."""
+        from forkd.engine.pack import pack
+
+        validate_tag(tag)
+        if not self.engine.store.exists(tag):
+            raise SnapshotNotFoundError(f"snapshot {tag} not found")
+        slot = self._pack_slot()
+        staging = self.engine.store.scratch("pack")
+        try:
+            out = staging / f"{tag}.tar.zst"
+            return out, pack(self.engine.store, tag, out, level=level)
+        except BaseException:
+            self.engine.store.discard(staging)
+            raise
+        finally:
+            slot.release()
+
+    def discard_pack(self, path: Path) -> None:
+        self.engine.store.discard(path.parent)
+
+    def upload_area(self) -> Path:
+        """A staging directory of the store for a pack being received (``discard_pack`` removes it)."""
+        return self.engine.store.scratch("upload")
+
+    def unpack(self, archive: Path, tag: str | None, force: bool) -> dict[str, Any]:
+        """Verify and register the pack at ``archive`` (see engine.pack.unpack_chain)."""
+        from forkd.engine.pack import unpack_chain
+
+        if tag is not None:
+            validate_tag(tag)
+        slot = self._pack_slot()
+        warnings: list[str] = []
+        t0 = time.monotonic()
+        try:
+            res = unpack_chain(self.engine.store, archive, tag=tag, force=force, warn=warnings.append)
+        finally:
+            slot.release()
+        return {"tags": res.tags, "registered": res.registered, "reused": res.reused, "replaced": res.replaced,
+                "warnings": warnings, "seconds": round(time.monotonic() - t0, 3)}
 
     # -- branch
     def branch(self, sid: str, tag: str | None, mode: str, wait: bool) -> tuple[dict[str, Any], bool]:

@@ -6,7 +6,8 @@ or was killed) every pending request fails at once with ChannelClosedError inste
 The guest is hostile. It may send one ``{"event": "ready"}`` line, and only where one is expected (a
 VM booting; a restored VM announced itself when its parent booted), and replies only to requests in
 flight (or ones we stopped waiting for). Anything else (another event, a reply to an id never asked,
-a line that is not a JSON object, a line longer than MAX_REPLY_LINE) is a protocol violation: the
+a line that is not a JSON object, a line longer than MAX_REPLY_LINE, raw bytes after a reply to a request
+that did not ask for them or more than RAW_MAX) is a protocol violation: the
 channel closes, every pending request fails with ChannelClosedError naming it, and ``on_violation``
 is called once so that the owner can kill the VM.
 """
@@ -44,6 +45,10 @@ JSON_ESCAPE = 6
 REPLY_SLACK = 1 << 20  # field names, numbers, an error's traceback
 # The longest line a well-behaved agent sends: a file_read chunk in base64, or an exec's two streams.
 MAX_REPLY_LINE = max(base64_len(READ_CHUNK), 2 * JSON_ESCAPE * EXEC_OUTPUT_MAX) + REPLY_SLACK  # 13 MiB
+# The most raw bytes a reply may carry after its line (requests sent with ``raw=True``: output reads,
+# the agent's PROC_READ_MAX); the reply's ``raw`` field announces them, Channel results carry them as RAW.
+RAW_MAX = 4 << 20
+RAW = "raw_bytes"
 # The agent refuses longer request lines (agent.MAX_LINE) with an id-less error; we never send them.
 AGENT_MAX_REQUEST = 64 << 20
 # Ids of requests we stopped waiting for, kept so that their late replies are not violations.
@@ -77,8 +82,8 @@ class AgentChannel:
         # A random start: a late reply meant for an earlier connection (before a controller restart)
         # can never match a request of ours.
         self._first_id = self._next_id = secrets.randbits(40) + 1
-        self._pending: dict[int, tuple[str, Future[dict[str, Any]]]] = {}
-        self._abandoned: OrderedDict[int, None] = OrderedDict()
+        self._pending: dict[int, tuple[str, Future[dict[str, Any]], bool]] = {}  # op, reply, raw allowed
+        self._abandoned: OrderedDict[int, bool] = OrderedDict()  # raw allowed
         self._forgotten_below = self._first_id  # abandoned ids evicted from _abandoned are all below
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
@@ -106,7 +111,7 @@ class AgentChannel:
         with self._lock:
             if self.closed:
                 raise ChannelClosedError(self._closed_message(op))
-            self._pending[rid] = (op, fut)
+            self._pending[rid] = (op, fut, args.get("raw") is True)
         try:
             with self._send_lock:
                 self.sock.sendall(data)
@@ -154,18 +159,17 @@ class AgentChannel:
     def _abandon(self, fut: Future[dict[str, Any]]) -> None:
         """Stop waiting for ``fut``: its reply, should it still come, is dropped (not a violation)."""
         with self._lock:
-            rid = next((r for r, (_, f) in self._pending.items() if f is fut), None)
+            rid = next((r for r, (_, f, _) in self._pending.items() if f is fut), None)
             if rid is None:
                 return
-            del self._pending[rid]
-            self._abandoned[rid] = None
+            self._abandoned[rid] = self._pending.pop(rid)[2]
             while len(self._abandoned) > ABANDONED_MAX:
                 old, _ = self._abandoned.popitem(last=False)
                 self._forgotten_below = max(self._forgotten_below, old + 1)
 
     # -- receiving
     def _read_loop(self) -> None:
-        reader = LineReader(self.sock, self.max_line)
+        reader = self._reader = LineReader(self.sock, self.max_line)
         reason = "the agent closed the channel"
         try:
             while not self.closed:
@@ -173,6 +177,8 @@ class AgentChannel:
                     line = reader.readline()
                 except LineTooLong:
                     self._violate(f"a line longer than {self.max_line} bytes")
+                    break
+                except EOFError:
                     break
                 if not line:
                     break
@@ -217,19 +223,36 @@ class AgentChannel:
         if not isinstance(msg.get("ok"), bool):
             raise _Violation(f"a reply to id {rid} without a boolean 'ok'")
         with self._lock:
-            entry = self._pending.pop(rid, None)
-            if entry is None and not self._late(rid):
+            entry = self._pending.get(rid)
+            late = self._late(rid) if entry is None else None
+            if entry is None and late is None:
                 asked = self._first_id <= rid < self._next_id
                 raise _Violation(f"reply to id {rid} " + ("that is not in flight" if asked else "that was never asked"))
-        if entry is not None and not entry[1].done():
+        raw_ok = entry[2] if entry is not None else bool(late)
+        if "raw" in msg:  # the frame is read even for a late reply: the next line starts after it
+            n = msg.pop("raw")
+            if not raw_ok or not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= RAW_MAX:
+                raise _Violation(f"a reply to id {rid} announcing {_short(n)} raw bytes "
+                                 + (f"(at most {RAW_MAX})" if raw_ok else "that it was not asked for"))
+            data = self._reader.read_exact(n)  # EOFError: the request is still in flight, the close fails it
+            if isinstance(msg.get("result"), dict):
+                msg["result"][RAW] = data
+        elif isinstance(msg.get("result"), dict):
+            msg["result"].pop(RAW, None)
+        if entry is None:
+            return
+        with self._lock:
+            if self._pending.pop(rid, None) is None:  # abandoned while its frame was read
+                self._abandoned.pop(rid, None)
+        if not entry[1].done():
             entry[1].set_result(msg)
 
-    def _late(self, rid: int) -> bool:
-        """True (once) for the reply to a request we stopped waiting for. Called with the lock held."""
+    def _late(self, rid: int) -> bool | None:
+        """For the reply to a request we stopped waiting for (once): whether it may carry raw bytes;
+        None if ``rid`` is no such request. Called with the lock held."""
         if rid in self._abandoned:
-            del self._abandoned[rid]
-            return True
-        return self._first_id <= rid < self._forgotten_below
+            return self._abandoned.pop(rid)
+        return True if self._first_id <= rid < self._forgotten_below else None
 
     def _violate(self, what: str) -> None:
         """Close the channel for a protocol violation and tell the owner (once)."""
@@ -268,7 +291,7 @@ class AgentChannel:
             self.close_reason = reason
             pending = list(self._pending.values())
             self._pending.clear()
-        for op, fut in pending:
+        for op, fut, _ in pending:
             if not fut.done():
                 fut.set_exception(ChannelClosedError(self._closed_message(op)))
 

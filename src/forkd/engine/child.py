@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from forkd.engine.channel import EXEC_OUTPUT_MAX, READ_CHUNK, AgentChannel
+from forkd.engine.channel import EXEC_OUTPUT_MAX, RAW, RAW_MAX, READ_CHUNK, AgentChannel
 from forkd.engine.stats import smaps_rollup
 from forkd.engine.vm import VMProcess
 from forkd.errors import AgentError, AgentTimeoutError, FileTooLargeError, ForkdError
@@ -25,7 +25,7 @@ MAX_FILE_BYTES = 256 << 20
 
 
 #: bytes of output one read_process asks for (both streams), as the agent's proc_read returns at most
-PROC_READ_MAX = 4 << 20
+PROC_READ_MAX = RAW_MAX
 
 
 def _command(argv: list[str], env: dict[str, str] | None, cwd: str | None,
@@ -41,6 +41,14 @@ def _command(argv: list[str], env: dict[str, str] | None, cwd: str | None,
     elif stdin is not None:
         args["stdin"] = stdin
     return args
+
+
+@dataclass(frozen=True)
+class CodeOutput:
+    """Output of a streamed run_code, as the code wrote it (UTF-8)."""
+
+    stdout: bytes
+    stderr: bytes
 
 
 @dataclass(frozen=True)
@@ -185,6 +193,52 @@ class Child:
         Past ``timeout`` (seconds) the code is interrupted, as for :meth:`eval`."""
         return self._interruptible("run_code", timeout, code=code)
 
+    def run_code_stream(self, code: str, timeout: float = 60.0, wait: float = 10.0
+                        ) -> Iterator[CodeOutput | dict[str, Any]]:
+        """:meth:`run_code` with its output as the code writes it: CodeOutput chunks, then the result
+        (as :meth:`run_code` returns it, ``stdout``/``stderr`` empty: they were streamed). The code's
+        exception is AgentError with the details, raised after its output. Past ``timeout`` (seconds)
+        the code is interrupted and AgentTimeoutError raised once its output is read. A consumer that
+        stops early interrupts the code."""
+        token = secrets.token_hex(8)
+        channel = self.vm.channel
+        fut = channel.submit("run_code", run=token, code=code, stream=True)
+        deadline = time.monotonic() + timeout
+        timed_out: str | None = None
+        stopped = False  # the code ended, or was interrupted
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:  # interrupt (waits for it to stop), then what it wrote until then
+                    timed_out, stopped = self._interrupt_report("run_code", timeout, token), True
+                try:
+                    r = channel.call("run_read", reply_timeout=wait + 60.0, run=token, raw=True,
+                                     wait=0.5 if timed_out else min(wait, max(left, 0.05)))
+                except AgentError as e:
+                    if e.type == "LookupError" and fut.done():  # it failed before it started (a bad field)
+                        stopped = True
+                        break
+                    if e.type == "UnknownOp":
+                        raise AgentError("run_code", "UnknownOp", "this sandbox's agent predates streamed "
+                                         "run_code (its snapshot was made by an older forkd); re-create the "
+                                         "snapshot, or run it without streaming") from None
+                    raise
+                out, err = self._output("run_read", r, PROC_READ_MAX)
+                stopped = stopped or r.get("done") is True
+                if out or err:
+                    yield CodeOutput(out, err)
+                if r.get("done") is True or timed_out:
+                    break
+        finally:
+            if not stopped and not channel.closed:  # the consumer went away: stop the code
+                with contextlib.suppress(ForkdError):
+                    self.interrupt(token)
+        if timed_out is not None:
+            with contextlib.suppress(ForkdError):  # its KeyboardInterrupt, or nothing if it is stuck
+                channel.result("run_code", fut, 5.0)
+            raise AgentTimeoutError(timed_out)
+        yield channel.result("run_code", fut, max(deadline - time.monotonic(), 0) + 30.0)
+
     def interrupt(self, run: str | None = None, grace: float = INTERRUPT_GRACE) -> dict[str, Any]:
         """Raise KeyboardInterrupt in the guest's running eval/run_code (``run``: one of them; default:
         all) and wait up to ``grace`` seconds: ``{"found", "stopped", "stuck"}``. Stuck code (blocked
@@ -204,19 +258,22 @@ class Child:
         try:
             return channel.result(op, fut, timeout)
         except AgentTimeoutError:
-            try:
-                outcome = self.interrupt(token)
-            except ForkdError as e:
-                raise AgentTimeoutError(f"{op} did not finish within {timeout} s and could not be interrupted "
-                                        f"({e})") from None
-            if outcome.get("stuck"):
-                how = ("it was interrupted but did not stop (blocked in C code?): it keeps running on its own "
-                       "thread; the sandbox answers new requests")
-            elif outcome.get("stopped"):
-                how = "it was interrupted (KeyboardInterrupt); the sandbox is ready for the next request"
-            else:
-                how = "it had finished by the time it was interrupted"
-            raise AgentTimeoutError(f"{op} did not finish within {timeout} s: {how}") from None
+            raise AgentTimeoutError(self._interrupt_report(op, timeout, token)) from None
+
+    def _interrupt_report(self, op: str, timeout: float, token: str) -> str:
+        """Interrupt the timed-out call ``token``; what happened, for its AgentTimeoutError."""
+        try:
+            outcome = self.interrupt(token)
+        except ForkdError as e:
+            return f"{op} did not finish within {timeout} s and could not be interrupted ({e})"
+        if outcome.get("stuck"):
+            how = ("it was interrupted but did not stop (blocked in C code?): it keeps running on its own "
+                   "thread; the sandbox answers new requests")
+        elif outcome.get("stopped"):
+            how = "it was interrupted (KeyboardInterrupt); the sandbox is ready for the next request"
+        else:
+            how = "it had finished by the time it was interrupted"
+        return f"{op} did not finish within {timeout} s: {how}"
 
     def exec(self, argv: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
              stdin: str | bytes | None = None, timeout: float | None = 30.0,
@@ -242,17 +299,32 @@ class Child:
     def read_process(self, pid: int, wait: float = 10.0, max_bytes: int = PROC_READ_MAX) -> ProcessOutput:
         """What process ``pid`` wrote since the last read (waiting up to ``wait`` seconds for some), and
         its exit once it ended and all was read."""
-        r = self.vm.channel.call("proc_read", reply_timeout=wait + 60.0, pid=pid, wait=wait, max_bytes=max_bytes)
-        try:
-            out, err = (base64.b64decode(str(r[k]), validate=True) for k in ("stdout_b64", "stderr_b64"))
-        except (KeyError, binascii.Error) as e:
-            what = f"a proc_read reply without valid output: {e}"
-            raise self.vm.channel.protocol_violation("proc_read", what) from None
-        if len(out) + len(err) > max_bytes or not isinstance(r.get("exited"), bool):
-            raise self.vm.channel.protocol_violation("proc_read", "a proc_read reply larger than asked, or malformed")
+        r = self.vm.channel.call("proc_read", reply_timeout=wait + 60.0, pid=pid, wait=wait, max_bytes=max_bytes,
+                                 raw=True)
+        out, err = self._output("proc_read", r, max_bytes)
+        if not isinstance(r.get("exited"), bool):
+            raise self.vm.channel.protocol_violation("proc_read", "a proc_read reply without 'exited'")
         code = r.get("exit_code")
         return ProcessOutput(out, err, bool(r["exited"]), code if isinstance(code, int) else None,
                              bool(r.get("timed_out")))
+
+    def _output(self, op: str, r: dict[str, Any], max_bytes: int) -> tuple[bytes, bytes]:
+        """The two streams of an output read: the raw bytes split as the reply says (an agent that
+        predates raw frames sends base64 fields)."""
+        try:
+            if RAW in r:
+                data, n_out, n_err = r[RAW], r["stdout_len"], r["stderr_len"]
+                if not (isinstance(n_out, int) and isinstance(n_err, int) and min(n_out, n_err) >= 0
+                        and n_out + n_err == len(data)):
+                    raise ValueError("stdout_len and stderr_len do not add up to the raw bytes")
+                out, err = data[:n_out], data[n_out:]
+            else:
+                out, err = (base64.b64decode(str(r[k]), validate=True) for k in ("stdout_b64", "stderr_b64"))
+        except (KeyError, ValueError, binascii.Error) as e:
+            raise self.vm.channel.protocol_violation(op, f"a {op} reply without valid output: {e}") from None
+        if len(out) + len(err) > max_bytes:
+            raise self.vm.channel.protocol_violation(op, f"a {op} reply larger than asked")
+        return out, err
 
     def stream_process(self, pid: int, wait: float = 10.0) -> Iterator[ProcessOutput]:
         """Read process ``pid`` to its end: each non-empty chunk as it comes, then the exit."""

@@ -64,6 +64,14 @@ class LineReader:
                     raise self._too_long()
             self._fill()
 
+    def read_exact(self, n: int) -> bytes:
+        """The next ``n`` bytes (a binary frame after a line); EOFError if the stream ends first."""
+        while len(self.buf) < n:
+            if self.eof:
+                raise EOFError(f"the stream ended {n - len(self.buf)} bytes short of a {n}-byte frame")
+            self._fill()
+        return self._take(n)
+
     def _find_newline(self) -> int:
         """Index of the first newline in the buffer, or -1; only the bytes not searched before are."""
         i = self.buf.find(b"\n", self._scan)

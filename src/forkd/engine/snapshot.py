@@ -334,6 +334,14 @@ class SnapshotStore:
         staging.mkdir(mode=0o700)
         return staging
 
+    def scratch(self, purpose: str) -> Path:
+        """A fresh private directory in the store for a transient file (a pack being sent or received);
+        named as staging is, so that a crash leaves nothing ``sweep_staging`` keeps."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        d = self.root / f".staging-{purpose}.{secrets.token_hex(4)}-{os.getpid()}-{secrets.token_hex(4)}"
+        d.mkdir(mode=0o700)
+        return d
+
     def publish(self, staging: Path, meta: SnapshotMeta) -> Snapshot:
         """Hash and fsync the staged files, write snapshot.json, then rename the directory into place."""
         seal(staging)

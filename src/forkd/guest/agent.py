@@ -37,10 +37,10 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-AGENT_VERSION = "2"  # 2: interrupt, processes (proc_*)
+AGENT_VERSION = "3"  # 2: interrupt, processes (proc_*); 3: raw output frames, streamed run_code (run_read)
 PORT_NAME = "org.forkd.agent"
 DIST_PACKAGES = "/usr/lib/python3/dist-packages"
 MAX_LINE = MAX_READ = 64 * 1024 * 1024
@@ -83,6 +83,14 @@ class UnknownOp(Exception):
     """The request names an op the agent does not implement."""
 
 
+class Raw:
+    """An op's result followed by raw bytes (the reply's ``raw`` field says how many): output goes to
+    the host as it is, without base64 or JSON escaping (each costs a pass over it, slow when emulated)."""
+
+    def __init__(self, result: dict[str, Any], parts: list[bytes | bytearray]) -> None:
+        self.result, self.parts = result, parts
+
+
 class ReplyError(Exception):
     """Carries a ready-made error payload (for errors with extra fields, e.g. captured output)."""
 
@@ -99,13 +107,14 @@ def _arg(req: Request, name: str, types: type | tuple[type, ...], default: Any =
         if default is _REQUIRED:
             raise BadRequest(f"missing required field '{name}'")
         return default
-    value, types = req[name], types if isinstance(types, tuple) else (types,)
+    value: Any = req[name]
+    types = types if isinstance(types, tuple) else (types,)
     if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
         names = " or ".join("null" if t is NoneType else t.__name__ for t in types)
         raise BadRequest(f"field '{name}' must be {names}, got {type(value).__name__}")
     if isinstance(value, float) and not math.isfinite(value):
         raise BadRequest(f"field '{name}' must be a finite number")
-    if minimum is not None and value is not None and value < minimum:
+    if minimum is not None and isinstance(value, (int, float)) and value < minimum:
         raise BadRequest(f"field '{name}' must be >= {minimum}")
     return value
 
@@ -150,7 +159,7 @@ def _error(exc: BaseException, tb: str | None) -> dict[str, Any]:
     return err
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytes | bytearray) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
@@ -276,27 +285,188 @@ def _compile_cell(code: str) -> tuple[Any, Any]:
     tree = ast.parse(code, filename, "exec")
     last = None
     if tree.body and isinstance(tree.body[-1], ast.Expr):
-        last = compile(ast.Expression(tree.body.pop().value), filename, "eval")
+        expr = tree.body.pop()
+        assert isinstance(expr, ast.Expr)
+        last = compile(ast.Expression(expr.value), filename, "eval")
     return compile(tree, filename, "exec"), last
 
 
 def op_run_code(req: Request) -> dict[str, Any]:
-    """Run statements in the persistent namespace, capturing output and the last expression's value."""
+    """Run statements in the persistent namespace, capturing output and the last expression's value.
+    With ``stream`` (and a ``run`` token) the output is not in the reply: ``run_read`` takes it as the
+    code writes it."""
     code = _arg(req, "code", str)
-    out, err = io.StringIO(), io.StringIO()
-    with EVAL_LOCK, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            body, last = _compile_cell(code)
-            with _user_code(req):
-                exec(body, G)
-                value = eval(last, G) if last is not None else None
-        except BaseException as e:
-            error = _error(e, _user_tb(e))
-            error.update(stdout=out.getvalue(), stderr=err.getvalue())
-            raise ReplyError(error) from None
+    cell = _open_cell(req) if _arg(req, "stream", bool, False) else None
+    out: Any = io.StringIO() if cell is None else CellWriter(cell, "stdout")
+    err: Any = io.StringIO() if cell is None else CellWriter(cell, "stderr")
+    try:
+        with EVAL_LOCK, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                body, last = _compile_cell(code)
+                with _user_code(req):
+                    exec(body, G)
+                    value = eval(last, G) if last is not None else None
+            except BaseException as e:
+                error = _error(e, _user_tb(e))
+                error.update(stdout=_captured(out), stderr=_captured(err))
+                raise ReplyError(error) from None
+    finally:
+        if cell is not None:
+            cell.close()
     shown = value is not None  # like a REPL: a trailing None is not echoed
-    return {"stdout": out.getvalue(), "stderr": err.getvalue(),
+    return {"stdout": _captured(out), "stderr": _captured(err),
             "repr": repr(value) if shown else None, "value": _json_value(value) if shown else None}
+
+
+def _captured(f: Any) -> str:
+    return f.getvalue() if isinstance(f, io.StringIO) else ""
+
+
+# ---------------------------------------------------------------- output kept for the host to read
+PROC_BUFFER = 1024 * 1024      # output kept per stream until the host reads it; the writer then waits
+PROC_READ_MAX = 4 * 1024 * 1024  # bytes of output one proc_read/run_read returns, both streams together
+PROC_WAIT_MAX = 30.0           # longest long-poll of one read
+PROC_BATCH = 1024 * 1024        # a read with less output waits for more while it keeps coming:
+PROC_BATCH_WAIT, PROC_BATCH_GAP = 0.1, 0.02  # up to 100 ms, unless 20 ms pass without any
+
+
+class Outputs:
+    """stdout and stderr kept until the host reads them, bounded per stream: a writer finding its
+    stream full waits (as on a terminal nobody reads)."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.bufs = {"stdout": bytearray(), "stderr": bytearray()}
+
+    def pending(self) -> int:
+        return len(self.bufs["stdout"]) + len(self.bufs["stderr"])
+
+    def ended(self) -> bool:
+        """No more output will come (called with ``cond`` held)."""
+        raise NotImplementedError
+
+    def _grown(self, had: int) -> Callable[[], bool]:
+        return lambda: self.pending() != had or self.ended()
+
+    def read(self, req: Request) -> dict[str, Any] | Raw:
+        """What was written since the last read, waiting up to ``wait`` seconds for some; ``done`` once
+        the writer ended and all was read. ``raw``: the bytes follow the reply, else base64 fields."""
+        wait = min(float(_arg(req, "wait", (int, float), 10.0, minimum=0)), PROC_WAIT_MAX)
+        most = min(_arg(req, "max_bytes", int, PROC_READ_MAX, minimum=1), PROC_READ_MAX)
+        raw = _arg(req, "raw", bool, False)
+        with self.cond:
+            self.cond.wait_for(lambda: self.pending() > 0 or self.ended(), wait)
+            # More while the writer keeps writing (each reply costs the guest a round trip that the
+            # writer's own CPU pays for); a writer that pauses for PROC_BATCH_GAP gets its output now.
+            until = time.monotonic() + PROC_BATCH_WAIT
+            while self.pending() < PROC_BATCH and not self.ended() and (left := until - time.monotonic()) > 0:
+                if not self.cond.wait_for(self._grown(self.pending()), min(PROC_BATCH_GAP, left)):
+                    break
+            parts: list[bytes | bytearray] = []
+            for name in ("stdout", "stderr"):
+                buf = self.bufs[name]
+                if len(buf) <= most:  # the usual case: hand the buffer over, no copy
+                    take, self.bufs[name] = buf, bytearray()
+                else:
+                    take = buf[:most]
+                    del buf[:most]
+                most -= len(take)
+                parts.append(take)
+            self.cond.notify_all()  # room again: the writers go on
+            done = self.ended() and self.pending() == 0
+        result = {"done": done, "stdout_len": len(parts[0]), "stderr_len": len(parts[1])}
+        if raw:
+            return Raw(result, parts)
+        return {**result, "stdout_b64": base64.b64encode(parts[0]).decode(),
+                "stderr_b64": base64.b64encode(parts[1]).decode()}
+
+
+class Cell(Outputs):
+    """The output of one streamed run_code."""
+
+    def __init__(self, token: str) -> None:
+        super().__init__()
+        self.token = token
+        self.closed_at: float | None = None
+
+    def ended(self) -> bool:
+        return self.closed_at is not None
+
+    def put(self, name: str, data: bytes) -> None:
+        with self.cond:
+            # short waits: KeyboardInterrupt (interrupt, a timeout) reaches code blocked on a full stream
+            while len(self.bufs[name]) >= PROC_BUFFER and self.closed_at is None:
+                self.cond.wait(0.1)
+            if self.closed_at is not None:
+                return  # a thread of the cell printing after it ended: nobody will read it
+            self.bufs[name] += data
+            self.cond.notify_all()
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed_at = time.monotonic()
+            self.cond.notify_all()
+
+
+class CellWriter(io.TextIOBase):
+    """sys.stdout/stderr of a streamed run_code: text written goes to the cell at once, as UTF-8."""
+
+    def __init__(self, cell: Cell, name: str) -> None:
+        self.cell, self.name = cell, name
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        if not isinstance(s, str):
+            raise TypeError(f"write() argument must be str, not {type(s).__name__}")
+        if s:
+            self.cell.put(self.name, s.encode("utf-8", "replace"))
+        return len(s)
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return "utf-8"
+
+
+CELLS: dict[str, Cell] = {}
+CELLS_LOCK = threading.Condition()
+CELLS_MAX = 16      # streamed run_codes not yet read out
+CELL_KEEP_S = 120.0  # the output of an ended run nobody reads is dropped after this long
+
+
+def _open_cell(req: Request) -> Cell:
+    token = _arg(req, "run", str)
+    with CELLS_LOCK:
+        now = time.monotonic()
+        for t in [t for t, c in CELLS.items() if c.closed_at is not None and now - c.closed_at > CELL_KEEP_S]:
+            del CELLS[t]
+        if token in CELLS:
+            raise BadRequest(f"run token {token!r} is in use")
+        if len(CELLS) >= CELLS_MAX:
+            raise BadRequest(f"{CELLS_MAX} streamed run_code outputs are not read out yet; read them first")
+        cell = CELLS[token] = Cell(token)
+        CELLS_LOCK.notify_all()
+    return cell
+
+
+def op_run_read(req: Request) -> dict[str, Any] | Raw:
+    """The output of the streamed run_code ``run`` (as proc_read); ``done`` once it ended and all was
+    read. A run not started yet is waited for (up to ``wait``)."""
+    token = _arg(req, "run", str)
+    wait = min(float(_arg(req, "wait", (int, float), 10.0, minimum=0)), PROC_WAIT_MAX)
+    with CELLS_LOCK:
+        CELLS_LOCK.wait_for(lambda: token in CELLS, wait)
+        cell = CELLS.get(token)
+    if cell is None:
+        raise ReplyError({"type": "LookupError", "message": f"no streamed run_code {token!r} (not started, "
+                          "or read to the end)", "traceback": None})
+    reply = cell.read(req)
+    done = (reply.result if isinstance(reply, Raw) else reply)["done"]
+    if done:
+        with CELLS_LOCK:
+            CELLS.pop(token, None)
+    return reply
 
 
 # ---------------------------------------------------------------- exec
@@ -415,26 +585,21 @@ def op_exec(req: Request) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- processes (streamed, background)
-PROC_BUFFER = 1024 * 1024      # output kept per stream until the host reads it; the process then blocks
-PROC_READ_MAX = 4 * 1024 * 1024  # bytes of output one proc_read returns, both streams together
 PROC_MAX = 256                 # processes known at once (running, or finished and not yet read out)
 PROC_KEEP_S = 600.0            # a finished process nobody reads is forgotten after this long
-PROC_WAIT_MAX = 30.0           # longest long-poll of one proc_read
-PROC_BATCH, PROC_BATCH_WAIT = 256 * 1024, 0.02  # a read with less output waits up to 20 ms for more
 F_SETPIPE_SZ, PIPE_SIZE = 1031, 1024 * 1024
 PROCS: dict[int, Proc] = {}
 PROCS_LOCK = threading.Lock()
 SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM, "INT": signal.SIGINT, "HUP": signal.SIGHUP}
 
 
-class Proc:
+class Proc(Outputs):
     """A process of proc_start: output buffered (bounded: a full buffer stops reading its pipe, so the
     process waits, as on a terminal nobody reads) until proc_read takes it."""
 
     def __init__(self, popen: subprocess.Popen[bytes], argv: list[str], timeout: float | None) -> None:
+        super().__init__()
         self.popen, self.argv, self.started_at = popen, argv, time.time()
-        self.cond = threading.Condition()
-        self.bufs = {"stdout": bytearray(), "stderr": bytearray()}
         self.eof = {"stdout": False, "stderr": False}
         self.exit_code: int | None = None
         self.timed_out = False
@@ -480,9 +645,8 @@ class Proc:
             self.exit_code, self.ended_at = self.popen.returncode, time.time()
             self.cond.notify_all()
 
-    @property
-    def drained(self) -> bool:
-        return self.exit_code is not None and all(self.eof.values()) and not any(self.bufs.values())
+    def ended(self) -> bool:
+        return self.exit_code is not None and all(self.eof.values())
 
     def info(self) -> dict[str, Any]:
         return {"pid": self.popen.pid, "argv": self.argv, "started_at": self.started_at,
@@ -540,29 +704,18 @@ def _feed(popen: subprocess.Popen[bytes], data: bytes, close: bool) -> None:
         pass  # the process closed its stdin or ended
 
 
-def op_proc_read(req: Request) -> dict[str, Any]:
-    """The output produced since the last read (waiting up to ``wait`` seconds for some), and the exit
-    once the process ended and everything was read; then the process is forgotten."""
+def op_proc_read(req: Request) -> dict[str, Any] | Raw:
+    """The output produced since the last read (see Outputs.read); ``exited`` (with the exit code) once
+    the process ended and everything was read; then the process is forgotten."""
     proc = _proc(req)
-    wait = min(float(_arg(req, "wait", (int, float), 10.0, minimum=0)), PROC_WAIT_MAX)
-    most = min(_arg(req, "max_bytes", int, PROC_READ_MAX, minimum=1), PROC_READ_MAX)
-    with proc.cond:
-        proc.cond.wait_for(lambda: any(proc.bufs.values()) or proc.drained, wait)
-        # a little more, if the process is writing fast: fewer, larger replies (each costs a round trip)
-        proc.cond.wait_for(lambda: sum(map(len, proc.bufs.values())) >= PROC_BATCH or proc.drained
-                           or proc.exit_code is not None, PROC_BATCH_WAIT)
-        out: dict[str, Any] = {}
-        for name in ("stdout", "stderr"):
-            take = bytes(proc.bufs[name][:most])
-            del proc.bufs[name][:len(take)]
-            most -= len(take)
-            out[f"{name}_b64"] = base64.b64encode(take).decode()
-        proc.cond.notify_all()  # room again: the drainers go on
-        done = proc.drained
+    reply = proc.read(req)
+    result = reply.result if isinstance(reply, Raw) else reply
+    done = result.pop("done")
     if done:
         with PROCS_LOCK:
             PROCS.pop(proc.popen.pid, None)
-    return {**out, "exited": done, "exit_code": proc.exit_code if done else None, "timed_out": proc.timed_out}
+    result.update(exited=done, exit_code=proc.exit_code if done else None, timed_out=proc.timed_out)
+    return reply
 
 
 def op_proc_write(req: Request) -> dict[str, Any]:
@@ -760,13 +913,13 @@ def op_fresh(req: Request) -> dict[str, Any]:
             "numpy_reseeded": numpy_reseeded, "warnings": warnings}
 
 
-OPS: dict[str, Callable[[Request], dict[str, Any]]] = {
+OPS: dict[str, Callable[[Request], dict[str, Any] | Raw]] = {
     "ping": op_ping, "clock_info": op_clock_info, "eval": op_eval, "run_code": op_run_code, "exec": op_exec,
     "file_read": op_file_read, "file_write": op_file_write, "file_list": op_file_list,
     "file_stat": op_file_stat, "file_mkdir": op_file_mkdir, "file_remove": op_file_remove,
     "file_rename": op_file_rename, "fresh": op_fresh, "interrupt": op_interrupt,
     "proc_start": op_proc_start, "proc_read": op_proc_read, "proc_write": op_proc_write, "proc_kill": op_proc_kill,
-    "proc_list": op_proc_list,
+    "proc_list": op_proc_list, "run_read": op_run_read,
 }
 
 
@@ -785,8 +938,9 @@ class Transport:
         except OSError:
             return b""
 
-    def send(self, obj: dict[str, Any]) -> None:
-        """Write one JSON line, whole; dropped if the host is gone (EPIPE/EIO)."""
+    def send(self, obj: dict[str, Any], raw: Sequence[bytes | bytearray] = ()) -> None:
+        """Write one JSON line, whole, and the ``raw`` bytes its ``raw`` field announces; dropped if
+        the host is gone (EPIPE/EIO)."""
         try:
             line = json.dumps(obj, separators=(",", ":")) + "\n"
         except Exception as e:  # a result that cannot be encoded: say so instead
@@ -797,6 +951,8 @@ class Transport:
             line = json.dumps({"id": obj.get("id"), "ok": False, "error": err}) + "\n"
         with self.wlock, contextlib.suppress(OSError):
             _write_all(self.wfd, line.encode("ascii"))
+            for part in raw:
+                _write_all(self.wfd, part)
 
 
 def handle_line(t: Transport, line: bytes) -> None:
@@ -815,7 +971,12 @@ def handle_line(t: Transport, line: bytes) -> None:
         op = _arg(req, "op", str)
         if op not in OPS:
             raise UnknownOp(f"unknown op '{op}'")
-        reply = {"id": rid, "ok": True, "result": OPS[op](req)}
+        result = OPS[op](req)
+        if isinstance(result, Raw):
+            t.send({"id": rid, "ok": True, "result": result.result, "raw": sum(map(len, result.parts))},
+                   result.parts)
+            return
+        reply = {"id": rid, "ok": True, "result": result}
     except ReplyError as e:
         reply = {"id": rid, "ok": False, "error": e.error}
     except (BadRequest, UnknownOp) as e:

@@ -31,11 +31,13 @@ from forkd.sdk.models import (
     Execution,
     FileEntry,
     InterruptResult,
+    PackResult,
     PendingSnapshot,
     PingResult,
     ProcessInfo,
     SandboxInfo,
     SnapshotInfo,
+    UnpackResult,
     VersionInfo,
 )
 from forkd.sdk.sync import CommandHandle, Commands, Controller, Files, Sandbox
@@ -69,6 +71,7 @@ __all__ = [
     "PayloadTooLargeError",
     "PermissionDeniedError",
     "InterruptResult",
+    "PackResult",
     "PendingSnapshot",
     "PingResult",
     "ProcessInfo",
@@ -77,6 +80,7 @@ __all__ = [
     "ServiceUnavailableError",
     "SnapshotInfo",
     "SpawnError",
+    "UnpackResult",
     "UnprocessableEntityError",
     "VersionInfo",
 ]

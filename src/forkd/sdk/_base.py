@@ -10,9 +10,11 @@ from __future__ import annotations
 import base64
 import json
 import math
+import os
 import re
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 from urllib.parse import quote
 
@@ -46,12 +48,14 @@ from forkd.sdk.models import (
     FileEntry,
     InterruptResult,
     Model,
+    PackResult,
     PendingSnapshot,
     PingResult,
     ProcessInfo,
     SandboxInfo,
     SnapshotInfo,
     SpawnEntry,
+    UnpackResult,
     VersionInfo,
 )
 
@@ -88,16 +92,25 @@ class Call(Generic[T]):
     json: object = None
     content: bytes | None = None
     """A raw request body, sent in chunks of UPLOAD_CHUNK bytes with a Content-Length header."""
+    upload: Path | None = None
+    """A file sent as the raw request body (read in chunks as it is sent)."""
     timeout: float | None | _UseDefault = DEFAULT
     """Request timeout in seconds (``None``: no limit)."""
 
     @property
     def headers(self) -> dict[str, str] | None:
-        return None if self.content is None else {"Content-Length": str(len(self.content)),
-                                                  "Content-Type": "application/octet-stream"}
+        if self.upload is not None:
+            size = self.upload.stat().st_size
+        elif self.content is not None:
+            size = len(self.content)
+        else:
+            return None
+        return {"Content-Length": str(size), "Content-Type": "application/octet-stream"}
 
     def chunks(self) -> Iterator[bytes] | None:
         """The body for httpx.Client (None without one)."""
+        if self.upload is not None:
+            return _file_chunks(self.upload)
         if self.content is None:
             return None
         view = memoryview(self.content)
@@ -114,6 +127,12 @@ class Call(Generic[T]):
                 yield chunk
 
         return gen()
+
+
+def _file_chunks(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while chunk := f.read(UPLOAD_CHUNK):
+            yield chunk
 
 
 # ---------------------------------------------------------------- errors and parsing
@@ -313,6 +332,62 @@ def op_compact(tag: str, to: str) -> Call[SnapshotInfo]:
     check_str(to, "to", empty=False)
     return Call("POST", f"/v1/snapshots/{segment(tag, 'tag')}/compact", model(SnapshotInfo), json={"to": to},
                 timeout=600.0)
+
+
+@dataclass(frozen=True)
+class Download:
+    """An HTTP GET whose (large) answer goes to a file."""
+
+    method: str
+    path: str
+    params: Params | None = None
+    json: object = None
+    timeout: float | None = 3600.0
+    """Seconds between two received chunks (the server packs before it sends)."""
+
+
+def op_pack(tag: str, level: int) -> Download:
+    check_int(level, "level", 1, 22)
+    return Download("GET", f"/v1/snapshots/{segment(tag, 'tag')}/pack", params={"level": level})
+
+
+def op_unpack(archive: str | os.PathLike[str], tag: str | None, force: bool) -> Call[UnpackResult]:
+    path = Path(archive)
+    if not path.is_file():
+        raise ValueError(f"archive: {path} is not a file")
+    params: Params = {"force": bool(force)}
+    if tag is not None:
+        params["tag"] = check_str(tag, "tag", empty=False)
+    return Call("POST", "/v1/snapshots/unpack", model(UnpackResult), params=params, upload=path, timeout=3600.0)
+
+
+class PackFile:
+    """Where a downloaded pack goes: ``<out>.partial``, fsynced and renamed to ``out`` when complete (an
+    existing ``out`` only replaced with ``force``); removed again on failure."""
+
+    def __init__(self, out: str | os.PathLike[str], force: bool) -> None:
+        self.out = Path(out)
+        if self.out.exists() and not force:
+            raise FileExistsError(f"{self.out} exists (force=True replaces it)")
+        self.partial = self.out.with_name(self.out.name + ".partial")
+        self.f = open(self.partial, "wb")  # noqa: SIM115 - closed by commit/abort
+        self.size = 0
+
+    def write(self, chunk: bytes) -> None:
+        self.f.write(chunk)
+        self.size += len(chunk)
+
+    def commit(self, resp: httpx.Response) -> PackResult:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        os.replace(self.partial, self.out)
+        chain = [t for t in resp.headers.get("X-Forkd-Chain", "").split(",") if t]
+        return PackResult(path=str(self.out), chain=chain, bytes=self.size)
+
+    def abort(self) -> None:
+        self.f.close()
+        self.partial.unlink(missing_ok=True)
 
 
 def op_branch(sandbox_id: str, tag: str | None, mode: str, wait: bool) -> Call[BranchResult]:
@@ -519,6 +594,13 @@ def op_exec_stream(sandbox_id: str, cmd: str | Sequence[str], env: Mapping[str, 
     return StreamCall("POST", sandbox_path(sandbox_id, "/exec"), body, None if timeout is None else timeout + MARGIN)
 
 
+def op_run_code_stream(sandbox_id: str, code: str, timeout: float) -> StreamCall:
+    check_str(code, "code")
+    t = seconds(timeout)
+    return StreamCall("POST", sandbox_path(sandbox_id, "/run_code"), {"code": code, "timeout_s": t, "stream": True},
+                      t + MARGIN)
+
+
 def op_start_process(sandbox_id: str, cmd: str | Sequence[str], env: Mapping[str, str] | None, cwd: str | None,
                      stdin: str | bytes | None, timeout: float | None, stdin_open: bool) -> Call[ProcessInfo]:
     body = {**exec_body(cmd, env, cwd, stdin), "timeout_s": seconds_or_none(timeout), "stdin_open": bool(stdin_open)}
@@ -593,12 +675,57 @@ class OutputCollector:
                 stdout_truncated=self.truncated["stdout"], stderr_truncated=self.truncated["stderr"],
                 duration_s=float(duration) if isinstance(duration, int | float) else 0.0)
         elif kind == "error":
-            raise ForkdAPIError(f"the command's output stream failed: {event.get('error')}")
+            raise stream_failure("the command's output stream", event)
 
     def finish(self) -> CommandResult:
         if self.result is None:
             raise ForkdAPIError("the command's output stream ended before the command did")
         return self.result
+
+
+def stream_failure(what: str, event: Mapping[str, object]) -> ForkdAPIError:
+    """The exception for an ``error`` event: by its ``status`` when it has one (a timeout is a 504)."""
+    status, message = event.get("status"), f"{what} failed: {event.get('error')}"
+    if isinstance(status, int) and 400 <= status <= 599:
+        return error_for_status(status, message, dict(event))
+    return ForkdAPIError(message)
+
+
+class CodeCollector:
+    """Turns a streamed run_code's events into callbacks and, at the end, an :class:`Execution` (its
+    output kept whole: the guest cannot write more than the code's timeout allows) or CodeError."""
+
+    def __init__(self, on_stdout: Callable[[str], object] | None, on_stderr: Callable[[str], object] | None
+                 ) -> None:
+        self.callbacks = {"stdout": on_stdout, "stderr": on_stderr}
+        self.kept: dict[str, list[str]] = {"stdout": [], "stderr": []}
+        self.result: Mapping[str, object] | None = None
+
+    def feed(self, event: Mapping[str, object]) -> None:
+        kind = event.get("type")
+        if kind in ("stdout", "stderr"):
+            name, data = str(kind), str(event.get("data", ""))
+            cb = self.callbacks[name]
+            if cb is not None:
+                cb(data)
+            self.kept[name].append(data)
+        elif kind == "result":
+            self.result = event
+        elif kind == "error":
+            raise stream_failure("run_code's output stream", event)
+
+    def finish(self) -> Execution:
+        if self.result is None:
+            raise ForkdAPIError("run_code's output stream ended before the code did")
+        out, err = "".join(self.kept["stdout"]), "".join(self.kept["stderr"])
+        r = self.result
+        if r.get("ok") is False:
+            e = r.get("error")
+            e = e if isinstance(e, Mapping) else {}
+            tb = e.get("traceback")
+            raise CodeError(str(e.get("type") or "Error"), str(e.get("message") or ""),
+                            tb if isinstance(tb, str) else None, stdout=out, stderr=err)
+        return Execution.from_dict({**r, "stdout": out, "stderr": err})
 
 
 def event_of(line: bytes | str) -> dict[str, object]:

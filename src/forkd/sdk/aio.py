@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import os
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal, Self, TypeVar, overload
@@ -39,11 +40,13 @@ from forkd.sdk.models import (
     Execution,
     FileEntry,
     InterruptResult,
+    PackResult,
     PendingSnapshot,
     PingResult,
     ProcessInfo,
     SandboxInfo,
     SnapshotInfo,
+    UnpackResult,
     VersionInfo,
 )
 
@@ -206,6 +209,36 @@ class AsyncController(b.BaseController):
         """Every sandbox the controller manages, or those labelled with all of ``metadata``."""
         return [AsyncSandbox(self, info) for info in await self._request(b.op_list_sandboxes(metadata))]
 
+    async def pack_snapshot(self, tag: str, out: str | os.PathLike[str], *, level: int = 3,
+                      force: bool = False) -> PackResult:
+        """Download snapshot ``tag`` and the chain it depends on as one .tar.zst (``forkd pack``) to
+        ``out``, written to ``out.partial`` and renamed when complete. ``level`` is zstd's (1..22).
+        The controller packs first, then sends: large snapshots take a while to start."""
+        call = b.op_pack(tag, level)
+        dest = b.PackFile(out, force)
+        try:
+            async with self._client.stream(call.method, call.path, params=call.params,
+                                           timeout=b.timeout_config(call.timeout)) as resp:
+                if resp.status_code >= 400:
+                    await resp.aread()
+                    raise b.error_from_response(resp, self._endpoint.token)
+                async for chunk in resp.aiter_bytes(b.UPLOAD_CHUNK):
+                    dest.write(chunk)
+                return dest.commit(resp)
+        except httpx.RequestError as e:
+            dest.abort()
+            raise self._failed(e, b.Call(call.method, call.path, b.nothing)) from e
+        except BaseException:
+            dest.abort()
+            raise
+
+    async def unpack_snapshot(self, archive: str | os.PathLike[str], *, tag: str | None = None,
+                        force: bool = False) -> UnpackResult:
+        """Upload a pack (``forkd pack``'s .tar.zst) and register its snapshots on the controller, every
+        link verified first. ``tag`` renames a one-snapshot pack; ``force`` replaces snapshots with the
+        same tags but other content (else ConflictError). A corrupt pack is BadRequestError."""
+        return await self._request(b.op_unpack(archive, tag, force))
+
     async def list_pending_snapshots(self) -> list[PendingSnapshot]:
         """Branch snapshots being written (``wait=False``) or that failed."""
         return await self._request(b.op_pending_snapshots())
@@ -285,13 +318,21 @@ class AsyncSandbox(b.BaseSandbox):
         """Like :meth:`eval`, but the whole result: ``value``, ``repr`` and ``type``."""
         return await self._request(b.op_eval(self.id, expr, timeout))
 
-    async def run_code(self, code: str, *, timeout: float = 60.0) -> Execution:
+    async def run_code(self, code: str, *, timeout: float = 60.0, on_stdout: Callable[[str], object] | None = None,
+                   on_stderr: Callable[[str], object] | None = None) -> Execution:
         """Run Python statements (state persists between calls): stdout, stderr and the last expression.
 
         Raises :class:`CodeError` (with the traceback and the output so far) if the code raised.
         ``timeout`` is in seconds, as for :meth:`eval` (interrupted, then GatewayTimeoutError).
+        ``on_stdout``/``on_stderr`` are called with each piece of output (text) as the code writes it;
+        the result still has all of it.
         """
-        return await self._request(b.op_run_code(self.id, code, timeout))
+        if on_stdout is None and on_stderr is None:
+            return await self._request(b.op_run_code(self.id, code, timeout))
+        out = b.CodeCollector(on_stdout, on_stderr)
+        async for event in self._controller._events(b.op_run_code_stream(self.id, code, timeout)):
+            out.feed(event)
+        return out.finish()
 
 
 class AsyncCommands:

@@ -19,12 +19,14 @@ __all__ = [
     "FileEntry",
     "InterruptResult",
     "Model",
+    "PackResult",
     "PendingSnapshot",
     "PingResult",
     "ProcessInfo",
     "SandboxInfo",
     "SnapshotInfo",
     "SpawnEntry",
+    "UnpackResult",
     "VersionInfo",
 ]
 
@@ -165,6 +167,27 @@ class PendingSnapshot(Model):
     tag: str
     status: str = "writing"
     error: str | None = None
+
+
+@dataclass(frozen=True)
+class UnpackResult(Model):
+    """What ``unpack_snapshot`` registered: the pack's chain here, root first (its snapshot last)."""
+
+    tags: list[str]
+    registered: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+    replaced: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class PackResult:
+    """A pack written by ``pack_snapshot``: where, the chain it holds (root first), its size in bytes."""
+
+    path: str
+    chain: list[str]
+    bytes: int
 
 
 @dataclass(frozen=True)

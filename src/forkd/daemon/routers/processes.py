@@ -2,7 +2,7 @@
 signals), and the streamed form of ``exec``. Output is NDJSON, one event per line:
 ``{"type": "start", "pid"}``, ``{"type": "stdout"|"stderr", "data"}`` (text, UTF-8 with replacement),
 then ``{"type": "exit", "exit_code", "timed_out", "duration_s"}``; a failure once the stream has
-started is a last ``{"type": "error", "error"}`` line."""
+started is a last ``{"type": "error", "error", "status"}`` line (the HTTP status it would have had)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from fastapi.responses import StreamingResponse
 
 from forkd.daemon import models as m
 from forkd.daemon.deps import ERRORS, Ctl, SandboxId
+from forkd.daemon.errors import status_for
 from forkd.daemon.service import Controller
 from forkd.errors import AgentError, ForkdError, ValidationError
 
@@ -42,32 +43,51 @@ def start(ctl: Controller, sid: str, req: m.ExecRequest | m.StartProcessRequest,
         raise ValidationError(f"{req.command[0]!r}: {e.type}: {e.message}") from e
 
 
+class Lines:
+    """NDJSON lines of streamed output: each stream's bytes decoded as UTF-8 (invalid bytes replaced)
+    across chunk boundaries."""
+
+    def __init__(self) -> None:
+        self.decoders = {k: codecs.getincrementaldecoder("utf-8")("replace") for k in ("stdout", "stderr")}
+
+    @staticmethod
+    def line(obj: dict[str, Any]) -> bytes:
+        return json.dumps(obj, ensure_ascii=False).encode() + b"\n"
+
+    def error(self, e: ForkdError) -> bytes:
+        """The last line of a stream that cannot go on: the message and the status it would have had."""
+        return self.line({"type": "error", "error": str(e), "status": status_for(e)})
+
+    def output(self, stdout: bytes, stderr: bytes, final: bool = False) -> Iterator[bytes]:
+        for name, data in (("stdout", stdout), ("stderr", stderr)):
+            text = self.decoders[name].decode(data, final=final)
+            if text:
+                yield self.line({"type": name, "data": text})
+
+
 def events(ctl: Controller, sid: str, pid: int, started: dict[str, Any] | None) -> Iterator[bytes]:
     """The NDJSON lines of process ``pid`` until it ends (``started``: send its start event first)."""
     t0 = time.monotonic()
-    decoders = {k: codecs.getincrementaldecoder("utf-8")("replace") for k in ("stdout", "stderr")}
-
-    def line(obj: dict[str, Any]) -> bytes:
-        return json.dumps(obj, ensure_ascii=False).encode() + b"\n"
+    lines = Lines()
     if started is not None:
-        yield line({"type": "start", "pid": pid})
+        yield lines.line({"type": "start", "pid": pid})
     try:
         for chunk in ctl.call(sid, lambda c: c.stream_process(pid)):
-            for name, data in (("stdout", chunk.stdout), ("stderr", chunk.stderr)):
-                text = decoders[name].decode(data, final=chunk.exited)
-                if text:
-                    yield line({"type": name, "data": text})
+            yield from lines.output(chunk.stdout, chunk.stderr, final=chunk.exited)
             if chunk.exited:
-                yield line({"type": "exit", "exit_code": chunk.exit_code, "timed_out": chunk.timed_out,
-                            "duration_s": round(time.monotonic() - t0, 6)})
+                yield lines.line({"type": "exit", "exit_code": chunk.exit_code, "timed_out": chunk.timed_out,
+                                  "duration_s": round(time.monotonic() - t0, 6)})
     except ForkdError as e:  # the status is sent: the stream can only say so and end
         log.warning("sandbox %s: streaming process %d failed: %s", sid, pid, e)
-        yield line({"type": "error", "error": str(e)})
+        yield lines.error(e)
+
+
+def ndjson(lines: Iterator[bytes]) -> StreamingResponse:
+    return StreamingResponse(lines, media_type=NDJSON, headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
 
 def stream(ctl: Controller, sid: str, pid: int, started: dict[str, Any] | None) -> StreamingResponse:
-    return StreamingResponse(events(ctl, sid, pid, started), media_type=NDJSON,
-                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+    return ndjson(events(ctl, sid, pid, started))
 
 
 @router.post("", status_code=201, response_model=m.ProcessInfo)

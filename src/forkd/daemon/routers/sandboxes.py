@@ -3,7 +3,8 @@ run_code, exec)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query, Response
@@ -11,9 +12,15 @@ from fastapi import APIRouter, Body, Query, Response
 from forkd.daemon import models as m
 from forkd.daemon.deps import ERRORS, Ctl, SandboxId
 from forkd.daemon.routers import processes
-from forkd.errors import AgentError, ValidationError
+from forkd.daemon.service import Controller
+from forkd.engine.child import CodeOutput
+from forkd.errors import AgentError, ForkdError, ValidationError
 from forkd.limits import MAX_METADATA
 
+log = logging.getLogger("forkd.controller")
+CODE_STREAM_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {processes.NDJSON: {"schema": m.RunCodeEvent.model_json_schema()}},
+          "description": "A RunCodeResponse, or with stream: true one RunCodeEvent per line."}}
 router = APIRouter(prefix="/v1/sandboxes", tags=["sandboxes"], responses=ERRORS)
 
 
@@ -99,10 +106,37 @@ def eval_(ctl: Ctl, sid: SandboxId, req: m.EvalRequest) -> dict[str, Any]:
     return out
 
 
-@router.post("/{sid}/run_code", response_model=m.RunCodeResponse)
-def run_code(ctl: Ctl, sid: SandboxId, req: m.RunCodeRequest) -> dict[str, Any]:
-    """Run statements with state kept between calls; stdout, stderr and the last expression's value."""
+@router.post("/{sid}/run_code", response_model=m.RunCodeResponse, responses=CODE_STREAM_RESPONSES)
+def run_code(ctl: Ctl, sid: SandboxId, req: m.RunCodeRequest) -> Any:
+    """Run statements with state kept between calls; stdout, stderr and the last expression's value.
+    With ``stream: true`` the output comes as the code writes it (NDJSON RunCodeEvents), the result last."""
+    if req.stream:
+        ctl.running(sid)  # a missing sandbox is a 404 before the stream starts
+        return processes.ndjson(_code_events(ctl, sid, req))
     return _code(lambda: ctl.call(sid, lambda c: c.run_code(req.code, timeout=req.timeout_s)))
+
+
+def _code_events(ctl: Controller, sid: str, req: m.RunCodeRequest) -> Iterator[bytes]:
+    lines = processes.Lines()
+    result: dict[str, Any] = {}
+    try:
+        try:
+            for item in ctl.call(sid, lambda c: c.run_code_stream(req.code, timeout=req.timeout_s)):
+                if isinstance(item, CodeOutput):
+                    yield from lines.output(item.stdout, item.stderr)
+                else:
+                    result = {"ok": True, **item}
+        except AgentError as e:
+            if e.type in ("BadRequest", "UnknownOp"):
+                raise
+            result = _code_failure(e)
+    except ForkdError as e:  # the status is sent: the stream can only say so and end
+        log.warning("sandbox %s: streamed run_code failed: %s", sid, e)
+        yield from lines.output(b"", b"", final=True)
+        yield lines.error(e)
+        return
+    yield from lines.output(b"", b"", final=True)
+    yield lines.line({"type": "result", **result})
 
 
 @router.post("/{sid}/exec", response_model=m.ExecResponse, responses=processes.STREAM_RESPONSES)
@@ -128,6 +162,10 @@ def _code(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     except AgentError as e:
         if e.type in ("BadRequest", "UnknownOp"):
             raise
-        return {"ok": False, "error": {"type": e.type, "message": e.message, "traceback": e.traceback},
-                "stdout": e.details.get("stdout", ""), "stderr": e.details.get("stderr", "")}
+        return _code_failure(e)
     return {"ok": True, **r}
+
+
+def _code_failure(e: AgentError) -> dict[str, Any]:
+    return {"ok": False, "error": {"type": e.type, "message": e.message, "traceback": e.traceback},
+            "stdout": e.details.get("stdout", ""), "stderr": e.details.get("stderr", "")}

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import os
+import shutil
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, JSONResponse
+from starlette.background import BackgroundTask
 
 from forkd.daemon import models as m
 from forkd.daemon.deps import ERRORS, Ctl, Tag
 from forkd.errors import ValidationError
+
+ZSTD = "application/zstd"
+#: bytes of free disk an upload leaves (unpacking needs room of its own, checked by the unpack)
+UPLOAD_RESERVE = 1 << 30
+BINARY = {"schema": {"type": "string", "format": "binary"}}
 
 router = APIRouter(prefix="/v1/snapshots", tags=["snapshots"], responses=ERRORS)
 
@@ -27,6 +38,57 @@ def create_snapshot(ctl: Ctl, req: m.CreateSnapshotRequest) -> dict[str, Any]:
 @router.get("/{tag}/info", response_model=m.SnapshotInfo)
 def snapshot_info(ctl: Ctl, tag: Tag) -> dict[str, Any]:
     return ctl.snapshot_info(tag)
+
+
+@router.get("/{tag}/pack", response_class=FileResponse,
+            responses={200: {"content": {ZSTD: BINARY}, "description": "The pack (.tar.zst)."}})
+def pack_snapshot(ctl: Ctl, tag: Tag, level: Annotated[int, Query(ge=1, le=22, description="zstd level.")] = 3
+                  ) -> FileResponse:
+    """The snapshot and the chain it depends on as one portable .tar.zst (what ``forkd pack`` writes),
+    made first in the store's staging area, then sent; ``X-Forkd-Chain`` names the chain, root first.
+    503 when two packs or unpacks are already in flight."""
+    path, res = ctl.pack(tag, level)
+    return FileResponse(path, media_type=ZSTD, filename=f"{tag}.tar.zst",
+                        headers={"X-Forkd-Chain": ",".join(res["chain"]), "X-Forkd-Bytes-In": str(res["bytes_in"])},
+                        background=BackgroundTask(ctl.discard_pack, path))
+
+
+@router.post("/unpack", status_code=201, response_model=m.UnpackResponse,
+             responses={413: {"model": m.ErrorBody}},
+             openapi_extra={"requestBody": {"required": True, "content": {"application/octet-stream": BINARY}}})
+async def unpack_snapshot(ctl: Ctl, request: Request, tag: Annotated[str | None, Query(
+        pattern=m.TAG_PATTERN, description="Register under this tag (a pack of one snapshot only).")] = None,
+                          force: bool = False) -> Any:
+    """Verify a pack (the body: a .tar.zst of ``forkd pack``) and register its snapshots, as ``forkd
+    unpack`` does: every link checked before any is registered; a link here with the same files is
+    reused, one with other content is a 409 unless ``force``. A corrupt or unsafe pack is a 400 and
+    registers nothing. The body may use the disk's free space less 1 GiB (413 beyond)."""
+    area = await run_in_threadpool(ctl.upload_area)
+    try:
+        limit = max(0, shutil.disk_usage(area).free - UPLOAD_RESERVE)
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            return _too_large(limit)
+        path = area / "upload.tar.zst"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            got = 0
+            async for chunk in request.stream():
+                got += len(chunk)
+                if got > limit:
+                    return _too_large(limit)
+                await run_in_threadpool(f.write, chunk)
+        if got == 0:
+            raise ValidationError("body: empty; send the pack's bytes (application/octet-stream)")
+        return await run_in_threadpool(ctl.unpack, path, tag, force)
+    finally:
+        with contextlib.suppress(OSError):
+            await run_in_threadpool(ctl.discard_pack, area / "upload.tar.zst")
+
+
+def _too_large(limit: int) -> JSONResponse:
+    return JSONResponse({"error": f"body: the pack is larger than the {limit} bytes this disk can take now "
+                                  "(its free space less 1 GiB)"}, status_code=413)
 
 
 @router.get("/pending", response_model=list[m.PendingSnapshot])
