@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from fanout import run_mode  # noqa: E402
+from fanout import fanout_stats, ratio, run_mode  # noqa: E402
 from idle import measure as idle_measure  # noqa: E402
 
 from forkd import __version__  # noqa: E402
@@ -34,14 +33,6 @@ from forkd.engine import Engine  # noqa: E402
 
 def say(msg: str) -> None:
     print(f"[ab] {msg}", file=sys.stderr, flush=True)
-
-
-def med(xs: list[float]) -> float | None:
-    return round(statistics.median(xs), 3) if xs else None
-
-
-def ratio(a: float | None, b: float | None) -> float | None:
-    return round(b / a, 3) if a and b is not None else None
 
 
 def idle_one(eng: Engine, tag: str) -> dict[str, Any]:
@@ -62,14 +53,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         per: dict[str, dict[str, float | None]] = {}
         for which in ("a", "b"):
             rs = [r for r in runs if r["mode"] == mode and r["which"] == which]
-            per[which] = {
-                "wall_s_all_answered": med([r["wall_s_all_answered"] for r in rs]),
-                "latency_ms_median": med([r["latency_ms"]["median"] for r in rs if r["latency_ms"]]),
-                "pss_mib_per_child_median": med([r["pss_mib_per_child"]["median"] for r in rs
-                                                 if r["pss_mib_per_child"]]),
-                "failed_total": sum(r["failed"] for r in rs),
-            }
-        out[mode] = {**per, "b_over_a": {k: ratio(per["a"][k], per["b"][k]) for k in per["a"] if k != "failed_total"}}
+            per[which] = fanout_stats(rs)
+        out[mode] = {**per, "b_over_a": {k: ratio(per["b"][k], per["a"][k]) for k in per["a"] if k != "failed_total"}}
     return out
 
 

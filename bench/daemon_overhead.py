@@ -12,6 +12,7 @@ Usage: python3 bench/daemon_overhead.py [--n 50] [--rounds 3]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +39,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_daemon(root: Path, work: Path) -> tuple[subprocess.Popen[bytes], str, dict[str, str]]:
+@contextlib.contextmanager
+def running_daemon(root: Path, work: Path) -> Iterator[tuple[str, str]]:
+    """A forkd-controller serving the snapshots in ``root`` on a free loopback port: (url, token)."""
     token = secrets.token_hex(24)
     tf = work / "token"
     tf.write_text(token)
@@ -48,14 +52,20 @@ def start_daemon(root: Path, work: Path) -> tuple[subprocess.Popen[bytes], str, 
                              "--token-file", str(tf), "--snapshot-root", str(root), "--log-level", "warning"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    return proc, url, {"Authorization": f"Bearer {token}"}
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        else:
+            raise SystemExit("forkd-controller did not become healthy")
+        yield url, token
+    finally:
+        proc.terminate()
+        proc.wait(60)
 
 
 def engine_round(eng: Engine, tag: str, n: int) -> float:
@@ -95,16 +105,14 @@ def main() -> None:
     tag = f"bench-daemon-{os.getpid()}"
     eng.create_snapshot(tag, image=build_image())
     work = Path(tempfile.mkdtemp(prefix="forkd-bench-"))
-    proc, url, headers = start_daemon(eng.store.root, work)
     rounds: dict[str, list[float]] = {"engine": [], "daemon": []}
     try:
-        with httpx.Client(base_url=url, headers=headers, timeout=1800) as c:
+        with running_daemon(eng.store.root, work) as (url, token), \
+                httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=1800) as c:
             for _ in range(args.rounds):
                 rounds["engine"].append(round(engine_round(eng, tag, args.n), 3))
                 rounds["daemon"].append(round(daemon_round(c, tag, args.n), 3))
     finally:
-        proc.terminate()
-        proc.wait(60)
         eng.delete_snapshot(tag)
     med = {k: statistics.median(v) for k, v in rounds.items()}
     report: dict[str, Any] = {

@@ -46,6 +46,24 @@ def answer(child: Child) -> Any:
     return child.eval(EXPR, timeout=120)["value"]
 
 
+def med(xs: list[float]) -> float | None:
+    return round(statistics.median(xs), 3) if xs else None
+
+
+def ratio(num: float | None, den: float | None) -> float | None:
+    return round(num / den, 3) if num is not None and den else None
+
+
+def fanout_stats(runs: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Medians over several run_mode results of one configuration (and the failures, summed)."""
+    return {
+        "wall_s_all_answered": med([r["wall_s_all_answered"] for r in runs]),
+        "latency_ms_median": med([r["latency_ms"]["median"] for r in runs if r["latency_ms"]]),
+        "pss_mib_per_child_median": med([r["pss_mib_per_child"]["median"] for r in runs if r["pss_mib_per_child"]]),
+        "failed_total": sum(r["failed"] for r in runs),
+    }
+
+
 def run_mode(eng: Engine, tag: str, n: int, mode: str, concurrency: int | None) -> dict[str, Any]:
     if mode == "pool":
         pool = eng.start_pool(tag, n)

@@ -32,14 +32,13 @@ import contextlib
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from fanout import EXPR, run_mode, warm_up
+from fanout import EXPR, fanout_stats, med, ratio, run_mode, warm_up
 from idle import measure as idle_measure
 
 from forkd import __version__
@@ -149,27 +148,13 @@ def idle_check(eng: Engine, tag: str) -> dict[str, Any]:
             k.kill()
 
 
-def med(xs: list[float]) -> float | None:
-    return round(statistics.median(xs), 3) if xs else None
-
-
-def ratio(a: float | None, b: float | None) -> float | None:
-    return round(a / b, 3) if a is not None and b else None
-
-
 def summarize(runs: list[dict[str, Any]], snaps: dict[str, dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for mode in dict.fromkeys(r["mode"] for r in runs):
         per: dict[str, dict[str, float | None]] = {}
         for which in ("default", "pandas"):
             rs = [r for r in runs if r["mode"] == mode and r["image"] == which]
-            per[which] = {
-                "wall_s_all_answered": med([r["wall_s_all_answered"] for r in rs]),
-                "latency_ms_median": med([r["latency_ms"]["median"] for r in rs if r["latency_ms"]]),
-                "pss_mib_per_child_median": med([r["pss_mib_per_child"]["median"] for r in rs
-                                                 if r["pss_mib_per_child"]]),
-                "failed_total": sum(r["failed"] for r in rs),
-            }
+            per[which] = fanout_stats(rs)
             if mode == "pool":
                 per[which]["pool_prefill_s"] = med([r["pool_prefill_s"] for r in rs if "pool_prefill_s" in r])
         out[mode] = {**per, "pandas_over_default": {k: ratio(per["pandas"][k], per["default"][k])

@@ -24,7 +24,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from daemon_overhead import start_daemon  # noqa: E402
+from daemon_overhead import running_daemon  # noqa: E402
 
 from forkd import Controller, __version__  # noqa: E402
 from forkd.engine import Engine  # noqa: E402
@@ -42,13 +42,12 @@ def main() -> None:
     tag = f"bench-stream-{os.getpid()}"
     eng.create_snapshot(tag, image=build_image())
     work = Path(tempfile.mkdtemp(prefix="forkd-bench-"))
-    proc, url, headers = start_daemon(eng.store.root, work)
     rounds: dict[str, list[float]] = {"buffered": [], "streamed": [], "engine": []}
     direct = eng.spawn(tag, 1)[0].child
     assert direct is not None
     first_chunk: list[float] = []
     try:
-        with Controller(url, headers["Authorization"].split()[1], timeout=1800) as ctl, \
+        with running_daemon(eng.store.root, work) as (url, token), Controller(url, token, timeout=1800) as ctl, \
                 ctl.spawn_sandbox(tag, timeout=600) as sb:
             sb.commands.run(cmd, timeout=600)  # warm the guest's page cache and code paths
             for i in range(args.rounds):
@@ -82,8 +81,6 @@ def main() -> None:
                         raise SystemExit(f"{mode}: exit {r.exit_code}")
     finally:
         direct.kill()
-        proc.terminate()
-        proc.wait(60)
         eng.delete_snapshot(tag)
     med = {k: statistics.median(v) for k, v in rounds.items()}
     report: dict[str, Any] = {

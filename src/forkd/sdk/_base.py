@@ -542,8 +542,9 @@ def argv_of(cmd: str | Sequence[str]) -> list[str]:
     return argv
 
 
-def op_exec(sandbox_id: str, cmd: str | Sequence[str], env: Mapping[str, str] | None, cwd: str | None,
-            stdin: str | bytes | None, timeout: float | None, max_output: int) -> Call[CommandResult]:
+def exec_body(cmd: str | Sequence[str], env: Mapping[str, str] | None, cwd: str | None,
+              stdin: str | bytes | None) -> dict[str, object]:
+    """The fields of a command shared by exec and process starts (checked)."""
     body: dict[str, object] = {"argv": argv_of(cmd)}
     if env is not None:
         if not isinstance(env, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
@@ -558,19 +559,15 @@ def op_exec(sandbox_id: str, cmd: str | Sequence[str], env: Mapping[str, str] | 
             raise ValueError("stdin: bytes must be valid UTF-8 (the API carries stdin as text)") from e
     elif stdin is not None:
         body["stdin"] = check_str(stdin, "stdin")
+    return body
+
+
+def op_exec(sandbox_id: str, cmd: str | Sequence[str], env: Mapping[str, str] | None, cwd: str | None,
+            stdin: str | bytes | None, timeout: float | None, max_output: int) -> Call[CommandResult]:
     t = seconds_or_none(timeout)
-    body["timeout_s"] = t
-    body["max_output"] = check_int(max_output, "max_output", 0)
+    body = {**exec_body(cmd, env, cwd, stdin), "timeout_s": t, "max_output": check_int(max_output, "max_output", 0)}
     return Call("POST", sandbox_path(sandbox_id, "/exec"), model(CommandResult), json=body,
                 timeout=None if t is None else t + MARGIN)
-
-
-def exec_body(cmd: str | Sequence[str], env: Mapping[str, str] | None, cwd: str | None,
-              stdin: str | bytes | None) -> dict[str, object]:
-    """The fields of a command shared by exec and process starts (checked)."""
-    call = op_exec("sb-x", cmd, env, cwd, stdin, None, 0)
-    assert isinstance(call.json, dict)
-    return {k: v for k, v in call.json.items() if k in ("argv", "env", "cwd", "stdin")}
 
 
 #: the longest NDJSON line the SDK accepts from the controller (a 4 MiB chunk of text, escaped)
