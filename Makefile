@@ -12,7 +12,7 @@ BACKPORTS_LIST = /etc/apt/sources.list.d/forkd-bookworm-backports.list
 demo: deps image snapshot
 	forkd fork --tag pyagent -n $(N) --eval 'numpy.zeros(5).tolist()'
 
-deps: apt pip compat-venv
+deps: apt pip compat-venv ts
 
 # The guest image builder downloads the guest kernel package with apt, so the lists must be present too.
 apt:
@@ -35,6 +35,17 @@ compat-venv:
 	@test -x .venv-compat/bin/python || $(PYTHON) -m venv .venv-compat
 	.venv-compat/bin/python -m pip install -q 'forkd==0.5.3'
 
+# The TypeScript SDK (typescript/, docs/typescript.md): Node.js 18+ and npm (Debian's when missing), its pinned
+# dev dependencies from package-lock.json, compiled to typescript/dist. tests/integration/test_typescript_sdk.py runs it.
+.PHONY: ts lint-ts
+ts:
+	@command -v npm >/dev/null 2>&1 || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nodejs npm; }
+	cd typescript && npm ci --no-audit --no-fund && npm run build
+
+# tsc --noEmit (the SDK against the types generated from docs/openapi.json), and those types up to date
+lint-ts:
+	cd typescript && npx tsc --noEmit && npm run check:schema
+
 # docs/openapi.json, the contract the daemon serves and the SDKs are checked against
 openapi:
 	forkd-controller openapi --out docs/openapi.json
@@ -54,6 +65,7 @@ test-unit:
 lint:
 	ruff check src tests bench
 	mypy
+	$(MAKE) lint-ts
 
 bench:
 	$(PYTHON) bench/fanout.py

@@ -68,6 +68,20 @@ def test_committed_document_is_what_the_daemon_serves(doc: dict[str, Any]) -> No
         "docs/openapi.json is out of date: run `forkd-controller openapi --out docs/openapi.json` and commit it")
 
 
+def test_every_reference_resolves_in_the_document(doc: dict[str, Any]) -> None:
+    """``#`` is the document's root: an inline schema's own ``$defs`` are not reachable from there."""
+    def refs(node: object) -> list[str]:
+        if isinstance(node, dict):
+            return ([node["$ref"]] if isinstance(node.get("$ref"), str) else []) + [r for v in node.values()
+                                                                                     for r in refs(v)]
+        return [r for v in node for r in refs(v)] if isinstance(node, list) else []
+    for ref in refs(doc):
+        target: Any = doc
+        for part in ref.removeprefix("#/").split("/"):
+            assert isinstance(target, dict) and part in target, f"$ref {ref} does not resolve in docs/openapi.json"
+            target = target[part]
+
+
 def _operation(doc: dict[str, Any], method: str, path: str) -> tuple[str, dict[str, Any]]:
     want = path.split("/")
     for template, ops in doc["paths"].items():

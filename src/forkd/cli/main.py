@@ -10,6 +10,7 @@ from forkd.cli.cleanup_cmd import cleanup
 from forkd.cli.doctor_cmd import doctor
 from forkd.cli.fork_cmd import fork
 from forkd.cli.image_cmd import image
+from forkd.cli.mcp_cmd import mcp_command
 from forkd.cli.pack_cmd import pack_command, unpack_command
 from forkd.cli.sandbox_cmd import branch, sandbox
 from forkd.cli.snapshot_cmd import snapshot
@@ -35,6 +36,7 @@ cli.add_command(sandbox)
 cli.add_command(branch)
 cli.add_command(pack_command)
 cli.add_command(unpack_command)
+cli.add_command(mcp_command)
 
 
 def main() -> None:

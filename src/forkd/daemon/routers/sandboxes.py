@@ -19,7 +19,9 @@ from forkd.limits import MAX_METADATA
 
 log = logging.getLogger("forkd.controller")
 CODE_STREAM_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"content": {processes.NDJSON: {"schema": m.RunCodeEvent.model_json_schema()}},
+    200: {"content": {processes.NDJSON: {"schema": {  # its CodeError refers to the document's own component
+        k: v for k, v in m.RunCodeEvent.model_json_schema(ref_template="#/components/schemas/{model}").items()
+        if k != "$defs"}}},
           "description": "A RunCodeResponse, or with stream: true one RunCodeEvent per line."}}
 router = APIRouter(prefix="/v1/sandboxes", tags=["sandboxes"], responses=ERRORS)
 

@@ -1,0 +1,3 @@
+from forkd.mcp.server import main
+
+main()
