@@ -614,3 +614,22 @@ def test_run_read_of_an_unknown_run_and_a_reused_token(agent: AgentClient) -> No
     assert agent.reply_to(agent.send("run_code", run="dup", stream=True, code="1"))["error"]["type"] == "BadRequest"
     list(_cell_reads(agent, "dup"))
     assert agent.reply_to(rid)["ok"]
+
+
+def test_the_agent_stops_code_past_its_own_deadline(agent: AgentClient) -> None:
+    # the host that would interrupt it went away: deadline_s is the agent's own backstop
+    reply = agent.call("run_code", run="gone-host", code="while True:\n    pass", deadline_s=1.0)
+    assert not reply["ok"] and reply["error"]["type"] == "KeyboardInterrupt"
+    assert agent.ok("eval", expr="1 + 1")["value"] == 2
+
+
+def test_an_interrupt_reaches_code_still_waiting_for_the_namespace(agent: AgentClient) -> None:
+    first = agent.send("run_code", run="holder", code="time.sleep(3)")
+    time.sleep(0.5)
+    queued = agent.send("run_code", run="queued", code="queued_ran = True")
+    time.sleep(0.5)
+    stop = agent.send("interrupt", run="queued", grace=10)
+    replies = _replies(agent, first, queued, stop)
+    assert replies[stop]["result"]["found"] == 1 and replies[stop]["result"]["stopped"] == 1
+    assert replies[queued]["error"]["type"] == "KeyboardInterrupt" and replies[first]["ok"]
+    assert agent.err("eval", expr="queued_ran")["type"] == "NameError"  # it never ran

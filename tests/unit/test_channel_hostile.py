@@ -384,3 +384,12 @@ def test_a_guest_that_goes_away_inside_a_raw_frame_fails_the_read(pair: Any) -> 
     with pytest.raises(ChannelClosedError):
         ch.result("proc_read", fut, 10)
     assert reasons == []
+
+
+def test_an_adopted_channel_skips_the_raw_frame_of_a_leftover_reply(pair: Any) -> None:
+    ch, guest, reasons = pair(leftover_lines=3)
+    frame = b"\n".join(b"not json" for _ in range(50)) + b"\n"
+    guest.sendraw(json.dumps({"id": 999_999, "ok": True, "result": {}, "raw": len(frame)}).encode() + b"\n" + frame)
+    fut = ch.submit("ping")
+    guest.reply(guest.request(), {"pong": True})
+    assert ch.result("ping", fut, 10) == {"pong": True} and reasons == []

@@ -250,6 +250,9 @@ def test_http_checks() -> None:
     assert s.enable_dns_rebinding_protection and "localhost:9000" in s.allowed_hosts
     assert "http://127.0.0.1:9000" in s.allowed_origins and not any("*" in h for h in s.allowed_hosts)
     assert security_settings("10.1.2.3", 9000).allowed_hosts == ["10.1.2.3:9000"]
+    wide = security_settings("0.0.0.0", 9000, ("10.1.2.3:9000", "mcp.example"))
+    assert wide.allowed_hosts == ["0.0.0.0:9000", "10.1.2.3:9000", "mcp.example"]
+    assert "https://mcp.example" in (wide.allowed_origins or [])
     server = build_server(FakeBackend())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="without --http-token-file"):
         http_app(server, "0.0.0.0", 9000, None)

@@ -451,7 +451,8 @@ export interface paths {
          * @description Verify a pack (the body: a .tar.zst of ``forkd pack``) and register its snapshots, as ``forkd
          *     unpack`` does: every link checked before any is registered; a link here with the same files is
          *     reused, one with other content is a 409 unless ``force``. A corrupt or unsafe pack is a 400 and
-         *     registers nothing. The body may use the disk's free space less 1 GiB (413 beyond).
+         *     registers nothing. The body may use the disk's free space less 1 GiB (413 beyond); 503 when two
+         *     packs or unpacks are already in flight (checked before the body is read).
          */
         post: operations["unpack_snapshot_v1_snapshots_unpack_post"];
         delete?: never;
@@ -528,8 +529,8 @@ export interface paths {
         /**
          * Pack Snapshot
          * @description The snapshot and the chain it depends on as one portable .tar.zst (what ``forkd pack`` writes),
-         *     made first in the store's staging area, then sent; ``X-Forkd-Chain`` names the chain, root first.
-         *     503 when two packs or unpacks are already in flight.
+         *     made first in the store's scratch area, then sent, then removed; ``X-Forkd-Chain`` names the chain,
+         *     root first. 503 when two packs or unpacks are already in flight.
          */
         get: operations["pack_snapshot_v1_snapshots__tag__pack_get"];
         put?: never;

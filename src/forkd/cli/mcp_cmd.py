@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from forkd.cli.common import daemon_options
+from forkd.limits import MAX_LIFETIME_S
 
 
 def _read_token(path: Path, what: str) -> str:
@@ -29,6 +30,9 @@ def _read_token(path: Path, what: str) -> str:
               help="HOST:PORT for --transport http (served at /mcp; non-loopback needs --http-token-file).")
 @click.option("--http-token-file", type=click.Path(path_type=Path), default=None, envvar="FORKD_MCP_HTTP_TOKEN_FILE",
               help="With --transport http: clients must send 'Authorization: Bearer <the file's token>'.")
+@click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME[:PORT]",
+              help="With --transport http: another Host (and Origin) clients may use, e.g. the real address "
+                   "behind a 0.0.0.0 bind, a DNS name or a proxy's; repeat it. Others get 421.")
 @daemon_options
 @click.option("--snapshot-root", type=click.Path(path_type=Path), default=None, envvar="FORKD_SNAPSHOT_ROOT",
               help="Local engine only: the snapshots to serve (default $FORKD_HOME/snapshots).")
@@ -36,13 +40,14 @@ def _read_token(path: Path, what: str) -> str:
               help="Local engine only: the accelerator.")
 @click.option("--insecure-no-jail", is_flag=True, envvar="FORKD_INSECURE_NO_JAIL",
               help="Local engine only: run QEMU unjailed (when not root). Only for trusted code.")
-@click.option("--sandbox-lifetime", type=click.FloatRange(min=0), default=3600.0, show_default=True,
+@click.option("--sandbox-lifetime", type=click.FloatRange(min=0, max=MAX_LIFETIME_S), default=3600.0, show_default=True,
               envvar="FORKD_MCP_SANDBOX_LIFETIME",
               help="Seconds a sandbox spawned through MCP lives unless the call says otherwise (0: the daemon's "
                    "default).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="warning",
               show_default=True, envvar="FORKD_MCP_LOG_LEVEL", help="Logging on stderr.")
-def mcp_command(transport: str, bind: str, http_token_file: Path | None, url: str | None, token_file: Path | None,
+def mcp_command(transport: str, bind: str, http_token_file: Path | None, allow_hosts: tuple[str, ...],
+                url: str | None, token_file: Path | None,
                 snapshot_root: Path | None, accel: str | None, insecure_no_jail: bool, sandbox_lifetime: float,
                 log_level: str) -> None:
     """Serve forkd as an MCP server: tools to spawn sandboxes, run code and commands, read and write
@@ -76,7 +81,7 @@ def mcp_command(transport: str, bind: str, http_token_file: Path | None, url: st
         if transport == "stdio":
             server.run("stdio")
         else:
-            serve_http(server, bind, http_token, log_level)
+            serve_http(server, bind, http_token, log_level, allow_hosts)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     except KeyboardInterrupt:

@@ -99,6 +99,7 @@ class Controller:
         self._pending: dict[str, dict[str, Any]] = {}  # branch tag -> {"status": "writing"|"failed", ...}
         self.spawn_observer: Any = None  # callback(seconds) per restored child, for metrics
         self._pack_slots = threading.BoundedSemaphore(PACKS_IN_FLIGHT)
+        self._scratch: set[Path] = set()  # scratch directories of packs and uploads in flight
 
     # -- lifecycle
     def reconcile(self) -> dict[str, list[str]]:
@@ -242,37 +243,59 @@ class Controller:
         snap = self.engine.compact(tag, to)
         return self._describe(snap.summary(), chain=True)
 
-    # -- packs
-    def _pack_slot(self) -> threading.BoundedSemaphore:
+    # -- packs (a slot is held from the start of a pack until its file is sent, from the start of an
+    # upload until it is unpacked: at most PACKS_IN_FLIGHT files of the kind in the store at once)
+    def _take_pack_slot(self) -> None:
         if not self._pack_slots.acquire(blocking=False):
             raise Busy(f"{PACKS_IN_FLIGHT} packs or unpacks are already in flight; retry later")
-        return self._pack_slots
 
     def pack(self, tag: str, level: int) -> tuple[Path, dict[str, Any]]:
-        """Pack ``tag`` (and its chain) into a staging directory of the store: (the file, what was
-        packed). The caller removes the file's directory (``discard_pack``) once it is sent."""
+        """Pack ``tag`` (and its chain) into a scratch directory of the store: (the file, what was
+        packed). The caller sends it, then calls ``done_with(file)``, which removes it and frees the slot."""
         from forkd.engine.pack import pack
 
         validate_tag(tag)
         if not self.engine.store.exists(tag):
             raise SnapshotNotFoundError(f"snapshot {tag} not found")
-        slot = self._pack_slot()
-        staging = self.engine.store.scratch("pack")
+        self._take_pack_slot()
+        area: Path | None = None
         try:
-            out = staging / f"{tag}.tar.zst"
-            return out, pack(self.engine.store, tag, out, level=level)
+            area = self.engine.store.scratch("pack")
+            out = area / f"{tag}.tar.zst"
+            res = pack(self.engine.store, tag, out, level=level)
         except BaseException:
-            self.engine.store.discard(staging)
+            if area is not None:
+                self.engine.store.discard(area)
+            self._pack_slots.release()
             raise
-        finally:
-            slot.release()
-
-    def discard_pack(self, path: Path) -> None:
-        self.engine.store.discard(path.parent)
+        with self._lock:
+            self._scratch.add(area)
+        return out, res
 
     def upload_area(self) -> Path:
-        """A staging directory of the store for a pack being received (``discard_pack`` removes it)."""
-        return self.engine.store.scratch("upload")
+        """A scratch directory of the store for a pack being received; ``done_with`` removes it (and
+        frees the slot taken here)."""
+        self._take_pack_slot()
+        try:
+            area = self.engine.store.scratch("upload")
+        except BaseException:
+            self._pack_slots.release()
+            raise
+        with self._lock:
+            self._scratch.add(area)
+        return area
+
+    def done_with(self, path: Path) -> None:
+        """Remove the scratch directory holding ``path`` (a pack of ``pack`` or ``upload_area``) and
+        free its slot; a second call for the same path does nothing."""
+        with self._lock:
+            if path.parent not in self._scratch:
+                return
+            self._scratch.discard(path.parent)
+        try:
+            self.engine.store.discard(path.parent)
+        finally:
+            self._pack_slots.release()
 
     def unpack(self, archive: Path, tag: str | None, force: bool) -> dict[str, Any]:
         """Verify and register the pack at ``archive`` (see engine.pack.unpack_chain)."""
@@ -280,13 +303,9 @@ class Controller:
 
         if tag is not None:
             validate_tag(tag)
-        slot = self._pack_slot()
         warnings: list[str] = []
         t0 = time.monotonic()
-        try:
-            res = unpack_chain(self.engine.store, archive, tag=tag, force=force, warn=warnings.append)
-        finally:
-            slot.release()
+        res = unpack_chain(self.engine.store, archive, tag=tag, force=force, warn=warnings.append)
         return {"tags": res.tags, "registered": res.registered, "reused": res.reused, "replaced": res.replaced,
                 "warnings": warnings, "seconds": round(time.monotonic() - t0, 3)}
 

@@ -20,6 +20,8 @@ from forkd.errors import AgentError, AgentTimeoutError, FileTooLargeError, Forkd
 WRITE_CHUNK = 16 << 20
 # Seconds a timed-out eval/run_code is given to stop once interrupted.
 INTERRUPT_GRACE = 2.0
+# Seconds past its timeout after which the agent interrupts a streamed run_code by itself.
+STREAM_BACKSTOP_S = 10.0
 # The most read_file / iter_file return by default.
 MAX_FILE_BYTES = 256 << 20
 
@@ -202,7 +204,8 @@ class Child:
         stops early interrupts the code."""
         token = secrets.token_hex(8)
         channel = self.vm.channel
-        fut = channel.submit("run_code", run=token, code=code, stream=True)
+        # the agent stops the code itself a little after the deadline, should this reader go away
+        fut = channel.submit("run_code", run=token, code=code, stream=True, deadline_s=timeout + STREAM_BACKSTOP_S)
         deadline = time.monotonic() + timeout
         timed_out: str | None = None
         stopped = False  # the code ended, or was interrupted
@@ -218,6 +221,8 @@ class Child:
                     if e.type == "LookupError" and fut.done():  # it failed before it started (a bad field)
                         stopped = True
                         break
+                    if e.type == "LookupError" and not timed_out:  # not on a worker yet: ask again
+                        continue
                     if e.type == "UnknownOp":
                         raise AgentError("run_code", "UnknownOp", "this sandbox's agent predates streamed "
                                          "run_code (its snapshot was made by an older forkd); re-create the "
@@ -230,9 +235,9 @@ class Child:
                 if r.get("done") is True or timed_out:
                     break
         finally:
-            if not stopped and not channel.closed:  # the consumer went away: stop the code
+            if not stopped and not channel.closed:  # the consumer went away: stop the code, without waiting
                 with contextlib.suppress(ForkdError):
-                    self.interrupt(token)
+                    channel.result("interrupt", channel.submit("interrupt", run=token, grace=0), 0)
         if timed_out is not None:
             with contextlib.suppress(ForkdError):  # its KeyboardInterrupt, or nothing if it is stuck
                 channel.result("run_code", fut, 5.0)

@@ -13,6 +13,7 @@ import builtins
 import collections
 import contextlib
 import ctypes
+import errno
 import fcntl
 import functools
 import glob
@@ -26,6 +27,7 @@ import os
 import queue
 import random
 import re
+import select
 import selectors
 import shutil
 import signal
@@ -85,10 +87,22 @@ class UnknownOp(Exception):
 
 class Raw:
     """An op's result followed by raw bytes (the reply's ``raw`` field says how many): output goes to
-    the host as it is, without base64 or JSON escaping (each costs a pass over it, slow when emulated)."""
+    the host as it is, without base64 or JSON escaping (each costs a pass over it, slow when emulated).
+    A part is bytes, or a PipeSlice moved from a pipe by the kernel. ``release`` runs once it is sent."""
 
-    def __init__(self, result: dict[str, Any], parts: list[bytes | bytearray]) -> None:
-        self.result, self.parts = result, parts
+    def __init__(self, result: dict[str, Any], parts: Sequence[bytes | bytearray | PipeSlice],
+                 release: Callable[[], None] | None = None) -> None:
+        self.result, self.parts, self.release = result, parts, release
+
+
+class PipeSlice:
+    """``n`` bytes waiting in pipe ``fd`` (its only reader holds them for us)."""
+
+    def __init__(self, fd: int, n: int) -> None:
+        self.fd, self.n = fd, n
+
+    def __len__(self) -> int:
+        return self.n
 
 
 class ReplyError(Exception):
@@ -165,6 +179,23 @@ def _write_all(fd: int, data: bytes | bytearray) -> None:
         view = view[os.write(fd, view):]
 
 
+def _move(src: int, dst: int, n: int) -> None:
+    """Move ``n`` bytes from pipe ``src`` to ``dst``: splice (the kernel hands the pipe's pages over: no
+    copy through Python), or read and write where the target does not take splices."""
+    while n > 0:
+        try:
+            moved = os.splice(src, dst, n)
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            data = os.read(src, min(n, 1 << 20))
+            _write_all(dst, data)
+            moved = len(data)
+        if moved == 0:
+            raise OSError(errno.EPIPE, "the pipe ended before the bytes it held were moved")
+        n -= moved
+
+
 # ---------------------------------------------------------------- ping / eval / run_code
 def op_ping(req: Request) -> dict[str, Any]:
     """Liveness and identity."""
@@ -226,13 +257,22 @@ def _async_raise(ident: int, exc: type[BaseException] | None) -> None:
 
 @contextlib.contextmanager
 def _user_code(req: Request) -> Iterator[None]:
-    """Mark the block as interruptible; the host names it by the request's ``run`` token."""
+    """Mark the block as interruptible; the host names it by the request's ``run`` token. With
+    ``deadline_s`` the agent interrupts it itself after that many seconds (for a host that went away)."""
     run = _Run(_arg(req, "run", (str, NoneType), None))
+    deadline = _arg(req, "deadline_s", (int, float, NoneType), None, minimum=0)
     with RUNS_LOCK:
         RUNS[id(run)] = run
+    timer = None
+    if deadline is not None:
+        timer = threading.Timer(float(deadline), _expire, args=(run,))
+        timer.daemon = True
+        timer.start()
     try:
         yield
     finally:
+        if timer is not None:
+            timer.cancel()
         while True:  # an interrupt that arrives as the code ends must not escape into the agent
             try:
                 with RUNS_LOCK:
@@ -243,6 +283,13 @@ def _user_code(req: Request) -> Iterator[None]:
             except KeyboardInterrupt:
                 continue
         run.done.set()
+
+
+def _expire(run: _Run) -> None:
+    with RUNS_LOCK:
+        if id(run) in RUNS and not run.interrupted:
+            run.interrupted = True
+            _async_raise(run.ident, KeyboardInterrupt)
 
 
 def op_interrupt(req: Request) -> dict[str, Any]:
@@ -269,13 +316,13 @@ def op_interrupt(req: Request) -> dict[str, Any]:
 def op_eval(req: Request) -> dict[str, Any]:
     """Evaluate one expression in the persistent namespace."""
     expr = _arg(req, "expr", str)
-    with EVAL_LOCK:
+    with _user_code(req):  # before the lock: an interrupt reaches a call still waiting for it
         try:
-            with _user_code(req):
+            with EVAL_LOCK:
                 value = eval(compile(expr, "<eval>", "eval"), G)
         except BaseException as e:
             raise ReplyError(_error(e, _user_tb(e))) from None
-        return {"repr": repr(value), "value": _json_value(value), "type": type(value).__name__}
+    return {"repr": repr(value), "value": _json_value(value), "type": type(value).__name__}
 
 
 def _compile_cell(code: str) -> tuple[Any, Any]:
@@ -300,10 +347,10 @@ def op_run_code(req: Request) -> dict[str, Any]:
     out: Any = io.StringIO() if cell is None else CellWriter(cell, "stdout")
     err: Any = io.StringIO() if cell is None else CellWriter(cell, "stderr")
     try:
-        with EVAL_LOCK, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with _user_code(req):  # before the lock: an interrupt reaches a call still waiting for it
             try:
-                body, last = _compile_cell(code)
-                with _user_code(req):
+                with EVAL_LOCK, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                    body, last = _compile_cell(code)
                     exec(body, G)
                     value = eval(last, G) if last is not None else None
             except BaseException as e:
@@ -452,11 +499,11 @@ def _open_cell(req: Request) -> Cell:
 
 def op_run_read(req: Request) -> dict[str, Any] | Raw:
     """The output of the streamed run_code ``run`` (as proc_read); ``done`` once it ended and all was
-    read. A run not started yet is waited for (up to ``wait``)."""
+    read. A run not started yet is waited for (up to 1 s)."""
     token = _arg(req, "run", str)
     wait = min(float(_arg(req, "wait", (int, float), 10.0, minimum=0)), PROC_WAIT_MAX)
-    with CELLS_LOCK:
-        CELLS_LOCK.wait_for(lambda: token in CELLS, wait)
+    with CELLS_LOCK:  # its run_code may not have reached a worker yet; the host asks again if not
+        CELLS_LOCK.wait_for(lambda: token in CELLS, min(wait, 1.0))
         cell = CELLS.get(token)
     if cell is None:
         raise ReplyError({"type": "LookupError", "message": f"no streamed run_code {token!r} (not started, "
@@ -593,44 +640,34 @@ PROCS_LOCK = threading.Lock()
 SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM, "INT": signal.SIGINT, "HUP": signal.SIGHUP}
 
 
-class Proc(Outputs):
-    """A process of proc_start: output buffered (bounded: a full buffer stops reading its pipe, so the
-    process waits, as on a terminal nobody reads) until proc_read takes it."""
+FIONREAD = 0x541B
+
+
+def _available(fd: int) -> int:
+    """Bytes waiting in pipe ``fd``."""
+    buf = bytearray(4)
+    fcntl.ioctl(fd, FIONREAD, buf, True)
+    return int.from_bytes(buf, sys.byteorder)
+
+
+class Proc:
+    """A process of proc_start. Its output waits in its own pipes (1 MiB each; then the process waits,
+    as on a terminal nobody reads) until proc_read moves it to the host: no copy in the agent."""
 
     def __init__(self, popen: subprocess.Popen[bytes], argv: list[str], timeout: float | None) -> None:
-        super().__init__()
         self.popen, self.argv, self.started_at = popen, argv, time.time()
+        assert popen.stdout is not None and popen.stderr is not None
+        self.fds = {"stdout": popen.stdout.fileno(), "stderr": popen.stderr.fileno()}
         self.eof = {"stdout": False, "stderr": False}
         self.exit_code: int | None = None
         self.timed_out = False
         self.ended_at: float | None = None
-        assert popen.stdout is not None and popen.stderr is not None
-        for f in (popen.stdout, popen.stderr):  # fewer, larger reads: a fast writer blocks less often
+        self.exited = threading.Event()
+        self.reading = threading.Lock()  # one reader at a time, until its bytes are sent
+        for fd in self.fds.values():  # fewer, larger moves: a fast writer blocks less often
             with contextlib.suppress(OSError):
-                fcntl.fcntl(f.fileno(), F_SETPIPE_SZ, PIPE_SIZE)
-        for name, f in (("stdout", popen.stdout), ("stderr", popen.stderr)):
-            threading.Thread(target=self._drain, args=(name, f), name=f"forkd-proc-{popen.pid}", daemon=True).start()
+                fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
         threading.Thread(target=self._wait, args=(timeout,), name=f"forkd-proc-{popen.pid}", daemon=True).start()
-
-    def _drain(self, name: str, f: Any) -> None:
-        fd = f.fileno()
-        while True:
-            with self.cond:
-                self.cond.wait_for(lambda: len(self.bufs[name]) < PROC_BUFFER)
-            try:
-                chunk = os.read(fd, PIPE_SIZE)
-            except OSError:
-                chunk = b""
-            with self.cond:
-                if chunk:
-                    self.bufs[name] += chunk
-                else:
-                    self.eof[name] = True
-                self.cond.notify_all()
-            if not chunk:
-                with contextlib.suppress(OSError):
-                    f.close()
-                return
 
     def _wait(self, timeout: float | None) -> None:
         try:
@@ -641,16 +678,91 @@ class Proc(Outputs):
             self.popen.wait()
         with MANAGED_LOCK:
             MANAGED.discard(self.popen.pid)
-        with self.cond:
-            self.exit_code, self.ended_at = self.popen.returncode, time.time()
-            self.cond.notify_all()
+        self.exit_code, self.ended_at = self.popen.returncode, time.time()
+        self.exited.set()
 
-    def ended(self) -> bool:
-        return self.exit_code is not None and all(self.eof.values())
+    def _waiting(self, timeout: float) -> tuple[dict[str, int], set[str]]:
+        """Wait up to ``timeout`` for output or for the pipes' ends: (bytes waiting, pipes whose writers
+        are gone)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            poller = select.poll()
+            live = {fd: name for name, fd in self.fds.items() if not self.eof[name]}
+            for fd in live:
+                poller.register(fd, select.POLLIN)
+            left = max(0.0, deadline - time.monotonic())
+            if live:
+                events = poller.poll(left * 1000)
+            else:  # both pipes ended: only the exit is left to wait for
+                self.exited.wait(left)
+                events = []
+            avail = {name: 0 if self.eof[name] else _available(fd) for name, fd in self.fds.items()}
+            hup = {live[fd] for fd, ev in events if ev & (select.POLLHUP | select.POLLERR)}
+            if any(avail.values()) or hup or left == 0 or (not live and self.exited.is_set()):
+                return avail, hup
+
+    def read(self, req: Request) -> Raw | dict[str, Any]:
+        """What was written since the last read (see Outputs.read for ``wait``, ``max_bytes``, ``raw``
+        and the batching); ``done`` once the process ended and its pipes were read to their ends."""
+        wait = min(float(_arg(req, "wait", (int, float), 10.0, minimum=0)), PROC_WAIT_MAX)
+        most = min(_arg(req, "max_bytes", int, PROC_READ_MAX, minimum=1), PROC_READ_MAX)
+        raw = _arg(req, "raw", bool, False)
+        if not self.reading.acquire(timeout=wait + 1.0):
+            raise BadRequest(f"process {self.popen.pid} is being read by another request")
+        try:
+            avail, hup = self._waiting(wait)
+            until = time.monotonic() + PROC_BATCH_WAIT  # more while the writer keeps writing
+            while sum(avail.values()) < PROC_BATCH and not hup and (left := until - time.monotonic()) > 0:
+                time.sleep(min(PROC_BATCH_GAP, left))
+                now = {name: 0 if self.eof[name] else _available(fd) for name, fd in self.fds.items()}
+                if now == avail:
+                    break
+                avail = now
+            take: dict[str, int] = {}
+            for name in ("stdout", "stderr"):
+                take[name] = min(avail[name], most)
+                most -= take[name]
+            ended = [name for name in hup if take[name] == avail[name]]  # all it held goes now
+            done = self.exit_code is not None and all(self.eof[n] or n in ended for n in self.eof)
+            result = {"done": done, "stdout_len": take["stdout"], "stderr_len": take["stderr"]}
+            if raw:
+                parts = [PipeSlice(self.fds[n], take[n]) for n in ("stdout", "stderr")]
+                return Raw(result, parts, release=lambda: self._release(ended, done))
+            data = {n: _read_exactly(self.fds[n], take[n]) for n in ("stdout", "stderr")}
+            self._release(ended, done)
+            return {**result, "stdout_b64": base64.b64encode(data["stdout"]).decode(),
+                    "stderr_b64": base64.b64encode(data["stderr"]).decode()}
+        except BaseException:
+            self.reading.release()
+            raise
+
+    def _release(self, ended: list[str], done: bool) -> None:
+        for name in ended:
+            self.eof[name] = True
+        if done:  # read to the end: forgotten (op_proc_read), its pipes closed once the bytes are sent
+            self.close()
+        self.reading.release()
+
+    def close(self) -> None:
+        """Close the pipes (the process is forgotten)."""
+        for f in (self.popen.stdout, self.popen.stderr):
+            with contextlib.suppress(OSError):
+                if f is not None:
+                    f.close()
 
     def info(self) -> dict[str, Any]:
         return {"pid": self.popen.pid, "argv": self.argv, "started_at": self.started_at,
                 "running": self.exit_code is None, "exit_code": self.exit_code, "timed_out": self.timed_out}
+
+
+def _read_exactly(fd: int, n: int) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        chunk = os.read(fd, n - len(out))
+        if not chunk:
+            break
+        out += chunk
+    return bytes(out)
 
 
 def _proc(req: Request) -> Proc:
@@ -667,7 +779,7 @@ def _forget_old() -> None:
     now = time.time()
     with PROCS_LOCK:
         for pid in [p for p, pr in PROCS.items() if pr.ended_at is not None and now - pr.ended_at > PROC_KEEP_S]:
-            del PROCS[pid]
+            PROCS.pop(pid).close()
 
 
 def op_proc_start(req: Request) -> dict[str, Any]:
@@ -705,7 +817,7 @@ def _feed(popen: subprocess.Popen[bytes], data: bytes, close: bool) -> None:
 
 
 def op_proc_read(req: Request) -> dict[str, Any] | Raw:
-    """The output produced since the last read (see Outputs.read); ``exited`` (with the exit code) once
+    """The output produced since the last read (see Proc.read); ``exited`` (with the exit code) once
     the process ended and everything was read; then the process is forgotten."""
     proc = _proc(req)
     reply = proc.read(req)
@@ -938,7 +1050,7 @@ class Transport:
         except OSError:
             return b""
 
-    def send(self, obj: dict[str, Any], raw: Sequence[bytes | bytearray] = ()) -> None:
+    def send(self, obj: dict[str, Any], raw: Sequence[bytes | bytearray | PipeSlice] = ()) -> None:
         """Write one JSON line, whole, and the ``raw`` bytes its ``raw`` field announces; dropped if
         the host is gone (EPIPE/EIO)."""
         try:
@@ -952,7 +1064,10 @@ class Transport:
         with self.wlock, contextlib.suppress(OSError):
             _write_all(self.wfd, line.encode("ascii"))
             for part in raw:
-                _write_all(self.wfd, part)
+                if isinstance(part, PipeSlice):
+                    _move(part.fd, self.wfd, part.n)
+                else:
+                    _write_all(self.wfd, part)
 
 
 def handle_line(t: Transport, line: bytes) -> None:
@@ -973,8 +1088,12 @@ def handle_line(t: Transport, line: bytes) -> None:
             raise UnknownOp(f"unknown op '{op}'")
         result = OPS[op](req)
         if isinstance(result, Raw):
-            t.send({"id": rid, "ok": True, "result": result.result, "raw": sum(map(len, result.parts))},
-                   result.parts)
+            try:
+                t.send({"id": rid, "ok": True, "result": result.result, "raw": sum(map(len, result.parts))},
+                       result.parts)
+            finally:
+                if result.release is not None:
+                    result.release()
             return
         reply = {"id": rid, "ok": True, "result": result}
     except ReplyError as e:

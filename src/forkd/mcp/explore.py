@@ -62,7 +62,7 @@ def kill_all(children: Sequence[Sandbox]) -> None:
         for child, fut in [(c, pool.submit(c.kill)) for c in children]:
             try:
                 fut.result()
-            except ForkdAPIError as e:
+            except Exception as e:  # noqa: BLE001 - the others are killed all the same
                 log.warning("explore: could not kill %s: %s", child.id, e)
 
 
@@ -84,7 +84,13 @@ def explore(ctl: Controller, sandbox_id: str, variants: Sequence[Variant], keep:
             kept = chosen.id
             results[keep].kept = True
     finally:
-        kill_all([c for c in children if isinstance(c, Sandbox) and c.id != kept])
+        doomed = [c for c in children if isinstance(c, Sandbox) and c.id != kept]
+        if not children:  # the spawn failed on the way (a timeout, ...): its children carry the branch's label
+            try:
+                doomed = ctl.list_sandboxes(metadata={LABEL: tag})
+            except Exception as e:  # noqa: BLE001 - the original error is the one to report
+                log.warning("explore: could not list the children of %s: %s", tag, e)
+        kill_all(doomed)
         deleted = kept is None and _delete_branch(ctl, tag)
     return ExploreOutcome(branch_tag=tag, branch_deleted=deleted, kept=kept, results=results)
 

@@ -36,11 +36,12 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def security_settings(host: str, port: int) -> TransportSecuritySettings:
+def security_settings(host: str, port: int, extra_hosts: tuple[str, ...] = ()) -> TransportSecuritySettings:
     """Host and Origin headers allowed: the bound address (and, on loopback, its other loopback names),
-    at that port only."""
+    at that port only, and ``extra_hosts`` (``NAME[:PORT]``, the names clients reach it by: a DNS name,
+    the real address behind a 0.0.0.0 bind, a proxy's)."""
     shown = f"[{host}]" if ":" in host else host
-    hosts = [f"{shown}:{port}"]
+    hosts = [f"{shown}:{port}"] + list(extra_hosts)
     if is_loopback(host):
         hosts += [f"{name}:{port}" for name in LOOPBACK_NAMES]
     hosts = list(dict.fromkeys(hosts))
@@ -70,20 +71,22 @@ class BearerToken:
         await self.app(scope, receive, send)
 
 
-def http_app(server: MCPServer[Any], host: str, port: int, token: str | None) -> ASGIApp:
+def http_app(server: MCPServer[Any], host: str, port: int, token: str | None,
+             extra_hosts: tuple[str, ...] = ()) -> ASGIApp:
     if not is_loopback(host) and not token:
         raise ValueError(f"refusing to serve MCP on {host}:{port} without --http-token-file: its tools control "
                          "every sandbox, so only a loopback address may go without a token")
     app: ASGIApp = server.streamable_http_app(streamable_http_path=MCP_PATH,
-                                              transport_security=security_settings(host, port), host=host)
+                                              transport_security=security_settings(host, port, extra_hosts), host=host)
     return BearerToken(app, token) if token else app
 
 
-def serve_http(server: MCPServer[Any], bind: str, token: str | None, log_level: str = "warning") -> None:
+def serve_http(server: MCPServer[Any], bind: str, token: str | None, log_level: str = "warning",
+               extra_hosts: tuple[str, ...] = ()) -> None:
     """Serve ``server`` at ``http://BIND/mcp`` until interrupted."""
     import uvicorn
 
     host, port = parse_bind(bind)
-    app = http_app(server, host, port, token)
+    app = http_app(server, host, port, token, extra_hosts)
     uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
                                   server_header=False, access_log=False)).run()

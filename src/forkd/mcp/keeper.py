@@ -41,10 +41,23 @@ def say(message: str) -> None:
         print(f"forkd-mcp keeper: {message}", file=sys.stderr, flush=True)
 
 
+def _daemon_settings() -> set[str]:
+    """The environment variables that set ``forkd-controller serve``'s options (TLS, pool, scratch
+    directory, ...) and the client's: the private daemon gets only the options given on its command
+    line, never the user's settings for another daemon. The engine's own (FORKD_HOME, ...) pass."""
+    from forkd.daemon.main import serve
+
+    names = {"FORKD_TOKEN", "FORKD_URL"}
+    for p in serve.params:
+        envvar = getattr(p, "envvar", None)
+        names.update([envvar] if isinstance(envvar, str) else list(envvar or ()))
+    return names - {"FORKD_SNAPSHOT_ROOT", "FORKD_ACCEL"}
+
+
 def start_daemon(d: Path, serve_args: list[str]) -> subprocess.Popen[bytes]:
     log = open(d / LOG_FILE, "ab")  # noqa: SIM115 - handed to the child
     try:
-        env = {k: v for k, v in os.environ.items() if k not in ("FORKD_TOKEN", "FORKD_URL")}
+        env = {k: v for k, v in os.environ.items() if k not in _daemon_settings()}
         return subprocess.Popen([sys.executable, "-m", "forkd.daemon", "serve", *serve_args], stdin=subprocess.DEVNULL,
                                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd="/")
     finally:

@@ -362,15 +362,17 @@ def op_unpack(archive: str | os.PathLike[str], tag: str | None, force: bool) -> 
 
 
 class PackFile:
-    """Where a downloaded pack goes: ``<out>.partial``, fsynced and renamed to ``out`` when complete (an
+    """Where a downloaded pack goes: ``<out>.<unique>.partial``, fsynced and renamed to ``out`` when complete (an
     existing ``out`` only replaced with ``force``); removed again on failure."""
 
     def __init__(self, out: str | os.PathLike[str], force: bool) -> None:
         self.out = Path(out)
         if self.out.exists() and not force:
             raise FileExistsError(f"{self.out} exists (force=True replaces it)")
-        self.partial = self.out.with_name(self.out.name + ".partial")
-        self.f = open(self.partial, "wb")  # noqa: SIM115 - closed by commit/abort
+        # a name of its own: two downloads to one ``out`` never write into one file; not through a link
+        self.partial = self.out.with_name(f"{self.out.name}.{os.getpid()}-{os.urandom(4).hex()}.partial")
+        fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        self.f = os.fdopen(fd, "wb")
         self.size = 0
 
     def write(self, chunk: bytes) -> None:

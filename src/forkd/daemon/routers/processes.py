@@ -19,8 +19,8 @@ from fastapi.responses import StreamingResponse
 from forkd.daemon import models as m
 from forkd.daemon.deps import ERRORS, Ctl, SandboxId
 from forkd.daemon.errors import status_for
-from forkd.daemon.service import Controller
-from forkd.errors import AgentError, ForkdError, ValidationError
+from forkd.daemon.service import Conflict, Controller
+from forkd.errors import AgentError, ChannelClosedError, ForkdError, ValidationError
 
 log = logging.getLogger("forkd.controller")
 NDJSON = "application/x-ndjson"
@@ -54,8 +54,11 @@ class Lines:
     def line(obj: dict[str, Any]) -> bytes:
         return json.dumps(obj, ensure_ascii=False).encode() + b"\n"
 
-    def error(self, e: ForkdError) -> bytes:
-        """The last line of a stream that cannot go on: the message and the status it would have had."""
+    def error(self, e: ForkdError, sid: str) -> bytes:
+        """The last line of a stream that cannot go on: the message and the status it would have had
+        (a VM that went away is a 409, as for a call that did not stream)."""
+        if isinstance(e, ChannelClosedError):
+            e = Conflict(f"sandbox {sid} stopped: {e}")
         return self.line({"type": "error", "error": str(e), "status": status_for(e)})
 
     def output(self, stdout: bytes, stderr: bytes, final: bool = False) -> Iterator[bytes]:
@@ -79,7 +82,7 @@ def events(ctl: Controller, sid: str, pid: int, started: dict[str, Any] | None) 
                                   "duration_s": round(time.monotonic() - t0, 6)})
     except ForkdError as e:  # the status is sent: the stream can only say so and end
         log.warning("sandbox %s: streaming process %d failed: %s", sid, pid, e)
-        yield lines.error(e)
+        yield lines.error(e, sid)
 
 
 def ndjson(lines: Iterator[bytes]) -> StreamingResponse:

@@ -135,7 +135,7 @@ def _code_events(ctl: Controller, sid: str, req: m.RunCodeRequest) -> Iterator[b
     except ForkdError as e:  # the status is sent: the stream can only say so and end
         log.warning("sandbox %s: streamed run_code failed: %s", sid, e)
         yield from lines.output(b"", b"", final=True)
-        yield lines.error(e)
+        yield lines.error(e, sid)
         return
     yield from lines.output(b"", b"", final=True)
     yield lines.line({"type": "result", **result})

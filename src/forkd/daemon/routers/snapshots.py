@@ -2,24 +2,27 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
+import weakref
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, JSONResponse
-from starlette.background import BackgroundTask
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from forkd.daemon import models as m
 from forkd.daemon.deps import ERRORS, Ctl, Tag
+from forkd.daemon.service import Controller
 from forkd.errors import ValidationError
 
 ZSTD = "application/zstd"
 #: bytes of free disk an upload leaves (unpacking needs room of its own, checked by the unpack)
 UPLOAD_RESERVE = 1 << 30
 BINARY = {"schema": {"type": "string", "format": "binary"}}
+CHUNK = 1 << 20
 
 router = APIRouter(prefix="/v1/snapshots", tags=["snapshots"], responses=ERRORS)
 
@@ -40,17 +43,28 @@ def snapshot_info(ctl: Ctl, tag: Tag) -> dict[str, Any]:
     return ctl.snapshot_info(tag)
 
 
-@router.get("/{tag}/pack", response_class=FileResponse,
+@router.get("/{tag}/pack", response_class=StreamingResponse,
             responses={200: {"content": {ZSTD: BINARY}, "description": "The pack (.tar.zst)."}})
 def pack_snapshot(ctl: Ctl, tag: Tag, level: Annotated[int, Query(ge=1, le=22, description="zstd level.")] = 3
-                  ) -> FileResponse:
+                  ) -> StreamingResponse:
     """The snapshot and the chain it depends on as one portable .tar.zst (what ``forkd pack`` writes),
-    made first in the store's staging area, then sent; ``X-Forkd-Chain`` names the chain, root first.
-    503 when two packs or unpacks are already in flight."""
+    made first in the store's scratch area, then sent, then removed; ``X-Forkd-Chain`` names the chain,
+    root first. 503 when two packs or unpacks are already in flight."""
     path, res = ctl.pack(tag, level)
-    return FileResponse(path, media_type=ZSTD, filename=f"{tag}.tar.zst",
-                        headers={"X-Forkd-Chain": ",".join(res["chain"]), "X-Forkd-Bytes-In": str(res["bytes_in"])},
-                        background=BackgroundTask(ctl.discard_pack, path))
+    body = _send_then_remove(ctl, path)
+    weakref.finalize(body, ctl.done_with, path)  # a body never iterated (the client left first) still frees it
+    headers = {"X-Forkd-Chain": ",".join(res["chain"]), "Content-Length": str(path.stat().st_size),
+               "Content-Disposition": f'attachment; filename="{tag}.tar.zst"'}
+    return StreamingResponse(body, media_type=ZSTD, headers=headers)
+
+
+async def _send_then_remove(ctl: Controller, path: Path) -> AsyncIterator[bytes]:
+    try:
+        with open(path, "rb") as f:
+            while chunk := await run_in_threadpool(f.read, CHUNK):
+                yield chunk
+    finally:  # sent, failed or the client went away: the file goes, the slot is free
+        ctl.done_with(path)
 
 
 @router.post("/unpack", status_code=201, response_model=m.UnpackResponse,
@@ -62,14 +76,15 @@ async def unpack_snapshot(ctl: Ctl, request: Request, tag: Annotated[str | None,
     """Verify a pack (the body: a .tar.zst of ``forkd pack``) and register its snapshots, as ``forkd
     unpack`` does: every link checked before any is registered; a link here with the same files is
     reused, one with other content is a 409 unless ``force``. A corrupt or unsafe pack is a 400 and
-    registers nothing. The body may use the disk's free space less 1 GiB (413 beyond)."""
+    registers nothing. The body may use the disk's free space less 1 GiB (413 beyond); 503 when two
+    packs or unpacks are already in flight (checked before the body is read)."""
     area = await run_in_threadpool(ctl.upload_area)
+    path = area / "upload.tar.zst"
     try:
         limit = max(0, shutil.disk_usage(area).free - UPLOAD_RESERVE)
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             return _too_large(limit)
-        path = area / "upload.tar.zst"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "wb") as f:
             got = 0
@@ -82,8 +97,7 @@ async def unpack_snapshot(ctl: Ctl, request: Request, tag: Annotated[str | None,
             raise ValidationError("body: empty; send the pack's bytes (application/octet-stream)")
         return await run_in_threadpool(ctl.unpack, path, tag, force)
     finally:
-        with contextlib.suppress(OSError):
-            await run_in_threadpool(ctl.discard_pack, area / "upload.tar.zst")
+        await run_in_threadpool(ctl.done_with, path)
 
 
 def _too_large(limit: int) -> JSONResponse:
