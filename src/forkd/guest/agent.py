@@ -96,7 +96,7 @@ class Raw:
 
 
 class PipeSlice:
-    """``n`` bytes waiting in pipe ``fd`` (its only reader holds them for us)."""
+    """``n`` bytes waiting in pipe ``fd`` (its only reader holds them for us), read as they are sent."""
 
     def __init__(self, fd: int, n: int) -> None:
         self.fd, self.n = fd, n
@@ -180,20 +180,15 @@ def _write_all(fd: int, data: bytes | bytearray) -> None:
 
 
 def _move(src: int, dst: int, n: int) -> None:
-    """Move ``n`` bytes from pipe ``src`` to ``dst``: splice (the kernel hands the pipe's pages over: no
-    copy through Python), or read and write where the target does not take splices."""
+    """Move ``n`` bytes from pipe ``src`` to ``dst``. Read and write, not splice: the virtio console's
+    splice drops what it took from the pipe when the virtqueue has no room for it (it returns 0), and
+    the frame the host waits for would never end."""
     while n > 0:
-        try:
-            moved = os.splice(src, dst, n)
-        except OSError as e:
-            if e.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-                raise
-            data = os.read(src, min(n, 1 << 20))
-            _write_all(dst, data)
-            moved = len(data)
-        if moved == 0:
+        data = os.read(src, min(n, PIPE_SIZE))
+        if not data:
             raise OSError(errno.EPIPE, "the pipe ended before the bytes it held were moved")
-        n -= moved
+        _write_all(dst, data)
+        n -= len(data)
 
 
 # ---------------------------------------------------------------- ping / eval / run_code
@@ -652,7 +647,7 @@ def _available(fd: int) -> int:
 
 class Proc:
     """A process of proc_start. Its output waits in its own pipes (1 MiB each; then the process waits,
-    as on a terminal nobody reads) until proc_read moves it to the host: no copy in the agent."""
+    as on a terminal nobody reads) until proc_read moves it to the host: no buffer in the agent."""
 
     def __init__(self, popen: subprocess.Popen[bytes], argv: list[str], timeout: float | None) -> None:
         self.popen, self.argv, self.started_at = popen, argv, time.time()
