@@ -194,6 +194,17 @@ def test_streamed_command_delivers_output_before_it_ends(ctl: Controller, snapsh
         assert "".join(errs) == "oops\n" == r.stderr and r.exit_code == 7 and not r.timed_out
 
 
+def test_a_large_streamed_output_arrives_whole(ctl: Controller, snapshot: str) -> None:
+    """Megabytes through the guest's channel as fast as it takes them: every byte, in order."""
+    with ctl.spawn_sandbox(snapshot, timeout=TIMEOUT) as sb:
+        got: list[str] = []
+        r = sb.commands.run("head -c 8000000 /dev/urandom | od -An -v -tx1 | head -c 9000000", on_stdout=got.append,
+                            timeout=600)
+        text = "".join(got)
+        assert r.exit_code == 0 and len(text) == 9_000_000 and len(got) > 1
+        assert set(text) <= set("0123456789abcdef \n")
+
+
 def test_streamed_run_code_delivers_output_before_it_ends(ctl: Controller, snapshot: str) -> None:
     """As for commands: the code can finish only if its first line reached the client while it ran."""
     with ctl.spawn_sandbox(snapshot, timeout=TIMEOUT) as sb:
