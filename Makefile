@@ -12,7 +12,7 @@ BACKPORTS_LIST = /etc/apt/sources.list.d/forkd-bookworm-backports.list
 demo: deps image snapshot
 	forkd fork --tag pyagent -n $(N) --eval 'numpy.zeros(5).tolist()'
 
-deps: apt pip compat-venv ts
+deps: apt pip compat-venv e2b-venv ts
 
 # The guest image builder downloads the guest kernel package with apt, so the lists must be present too.
 apt:
@@ -34,6 +34,13 @@ pip:
 compat-venv:
 	@test -x .venv-compat/bin/python || $(PYTHON) -m venv .venv-compat
 	.venv-compat/bin/python -m pip install -q 'forkd==0.5.3'
+
+# The official E2B SDKs (e2b, e2b-code-interpreter from PyPI, in a venv of their own), which
+# tests/integration/test_e2b.py drives against `forkd-controller serve --e2b-bind` (docs/e2b.md).
+.PHONY: e2b-venv
+e2b-venv:
+	@test -x .venv-e2b/bin/python || $(PYTHON) -m venv .venv-e2b
+	.venv-e2b/bin/python -m pip install -q 'e2b==2.63.0' 'e2b-code-interpreter==2.11.5'
 
 # The TypeScript SDK (typescript/, docs/typescript.md): Node.js 18+ and npm (Debian's when missing), its pinned
 # dev dependencies from package-lock.json, compiled to typescript/dist. tests/integration/test_typescript_sdk.py runs it.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import json
@@ -79,22 +80,42 @@ def cli() -> None:
               type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--insecure-no-jail", envvar="FORKD_INSECURE_NO_JAIL", is_flag=True,
               help="Run QEMU unjailed (as this daemon's user, with no network filter). Only for trusted code.")
+@click.option("--e2b-bind", envvar="FORKD_E2B_BIND", default=None,
+              help="HOST:PORT: also serve the E2B-compatible API there (docs/e2b.md).")
+@click.option("--e2b-key-file", envvar="FORKD_E2B_KEY_FILE", default=None, type=click.Path(path_type=Path),
+              help="The E2B API key (mode 0600, e.g. e2b_<hex>); default: the --token-file token.")
+@click.option("--e2b-template", envvar="FORKD_E2B_TEMPLATE", default=None,
+              help="Snapshot tag for E2B's default templates (base, code-interpreter-v1) when none has their name.")
 def serve(bind: str, state_path: Path, snapshot_root: Path | None, audit_log: Path, token_file: Path | None,
           tls_cert: Path | None, tls_key: Path | None, scratch_dir: Path | None, branch_concurrency: int,
           pool_size: int, sandbox_timeout: float | None, accel: str | None, log_level: str,
-          insecure_no_jail: bool) -> None:
+          insecure_no_jail: bool, e2b_bind: str | None, e2b_key_file: Path | None, e2b_template: str | None) -> None:
     """Serve the REST API."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         setup_jail(insecure_no_jail)
-        config, audit = build(bind, state_path, snapshot_root, audit_log, token_file, tls_cert, tls_key,
-                              scratch_dir, branch_concurrency, pool_size, accel, log_level, sandbox_timeout)
+        config, audit, e2b_config = build(bind, state_path, snapshot_root, audit_log, token_file, tls_cert, tls_key,
+                                          scratch_dir, branch_concurrency, pool_size, accel, log_level,
+                                          sandbox_timeout, e2b_bind, e2b_key_file, e2b_template)
     except ForkdError as e:
         click.echo(f"forkd-controller: error: {e}", err=True)
         sys.exit(2)
     signal.signal(signal.SIGHUP, lambda *_: audit.reopen())
-    _Server(config).run()
+    if e2b_config is None:
+        _Server(config).run()
+    else:
+        asyncio.run(_serve_both(_Server(config), _QuietServer(e2b_config)))
     audit.close()
+
+
+async def _serve_both(main: uvicorn.Server, e2b: uvicorn.Server) -> None:
+    """The REST API and the E2B API in one event loop; the REST server's signals stop both."""
+    task = asyncio.create_task(e2b.serve())
+    try:
+        await main.serve()
+    finally:
+        e2b.should_exit = True
+        await task
 
 
 def setup_jail(insecure_no_jail: bool) -> None:
@@ -116,6 +137,14 @@ def setup_jail(insecure_no_jail: bool) -> None:
     jail.set_daemon_oom_score()
 
 
+class _QuietServer(uvicorn.Server):
+    """A second server in the loop of a _Server: it leaves the signals to that one."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
 class _Server(uvicorn.Server):
     """uvicorn's server, but a SIGTERM/SIGINT after a graceful drain is a clean exit (status 0),
     not a re-raised signal."""
@@ -133,13 +162,21 @@ class _Server(uvicorn.Server):
 
 def build(bind: str, state_path: Path, snap_root: Path | None, audit_path: Path, token_file: Path | None,
           tls_cert: Path | None, tls_key: Path | None, scratch_dir: Path | None, branch_concurrency: int,
-          pool_size: int, accel: str | None, log_level: str,
-          sandbox_timeout: float | None = None) -> tuple[uvicorn.Config, AuditLog]:
+          pool_size: int, accel: str | None, log_level: str, sandbox_timeout: float | None = None,
+          e2b_bind: str | None = None, e2b_key_file: Path | None = None,
+          e2b_template: str | None = None) -> tuple[uvicorn.Config, AuditLog, uvicorn.Config | None]:
     where = parse_bind(bind)
     token = load_token(token_file) if token_file else None
     warning = check_bind_auth(bind, where, token)
     if warning is not None:
         log.warning("%s", warning)
+    e2b_key = load_token(e2b_key_file) if e2b_key_file else token
+    e2b_where = parse_bind(e2b_bind) if e2b_bind else None
+    if e2b_bind and e2b_where is not None:
+        if isinstance(e2b_where, str):
+            raise ValidationError("--e2b-bind: a Unix socket is not supported (E2B's SDKs speak TCP)")
+        if (e2b_warning := check_bind_auth(e2b_bind, e2b_where, e2b_key)) is not None:
+            log.warning("E2B API: %s", e2b_warning)
     if bool(tls_cert) != bool(tls_key):
         raise ValidationError("--tls-cert and --tls-key must be given together")
     for p in (tls_cert, tls_key):
@@ -147,6 +184,7 @@ def build(bind: str, state_path: Path, snap_root: Path | None, audit_path: Path,
             raise ValidationError(f"TLS file {p} is not readable")
     lock_state(state_path)
     listener = unix_listener(Path(where)) if isinstance(where, str) else tcp_listener(*where)
+    e2b_listener = tcp_listener(*e2b_where) if isinstance(e2b_where, tuple) else None
     run_dir = scratch_dir or state_path.parent / "run"
     engine = Engine(snapshot_root=snap_root or snapshot_root(), run_dir=run_dir, accel=accel)
     engine.accel  # noqa: B018 - fail at start-up, not on the first request, if the accelerator is unusable
@@ -183,7 +221,16 @@ def build(bind: str, state_path: Path, snap_root: Path | None, audit_path: Path,
     config.load()
     if config.ssl is not None:
         config.ssl.minimum_version = ssl.TLSVersion.TLSv1_2  # TLS 1.2 and 1.3 only
-    return config, audit
+    e2b_config = None
+    if e2b_listener is not None:
+        from forkd.e2b.app import create_e2b_app
+
+        e2b_asgi = AuditMiddleware(create_e2b_app(ctl, e2b_key, e2b_template), audit, metrics.observe_request)
+        e2b_config = uvicorn.Config(e2b_asgi, **{**kw, "fd": e2b_listener.detach(), "lifespan": "off"})  # type: ignore[arg-type]
+        e2b_config.load()
+        if e2b_config.ssl is not None:
+            e2b_config.ssl.minimum_version = ssl.TLSVersion.TLSv1_2
+    return config, audit, e2b_config
 
 
 def check_bind_auth(bind: str, where: tuple[str, int] | str, token: bytes | None) -> str | None:
