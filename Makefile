@@ -35,12 +35,14 @@ compat-venv:
 	@test -x .venv-compat/bin/python || $(PYTHON) -m venv .venv-compat
 	.venv-compat/bin/python -m pip install -q 'forkd==0.5.3'
 
-# The official E2B SDKs (e2b, e2b-code-interpreter from PyPI, in a venv of their own), which
-# tests/integration/test_e2b.py drives against `forkd-controller serve --e2b-bind` (docs/e2b.md).
+# The official E2B SDKs (e2b, e2b-code-interpreter from PyPI: the newest tested and an older 2.x, each in a
+# venv of its own), which tests/integration/test_e2b.py drives against `forkd-controller serve --e2b-bind` (docs/e2b.md).
 .PHONY: e2b-venv
 e2b-venv:
 	@test -x .venv-e2b/bin/python || $(PYTHON) -m venv .venv-e2b
 	.venv-e2b/bin/python -m pip install -q 'e2b==2.63.0' 'e2b-code-interpreter==2.11.5'
+	@test -x .venv-e2b-old/bin/python || $(PYTHON) -m venv .venv-e2b-old
+	.venv-e2b-old/bin/python -m pip install -q 'e2b==2.50.0' 'e2b-code-interpreter==2.10.0'
 
 # The TypeScript SDK (typescript/, docs/typescript.md): Node.js 18+ and npm (Debian's when missing), its pinned
 # dev dependencies from package-lock.json, compiled to typescript/dist. tests/integration/test_typescript_sdk.py runs it.

@@ -40,16 +40,18 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_daemon(root: Path, work: Path) -> Iterator[tuple[str, str]]:
-    """A forkd-controller serving the snapshots in ``root`` on a free loopback port: (url, token)."""
-    token = secrets.token_hex(24)
+def running_daemon(root: Path, work: Path, extra_args: tuple[str, ...] = ()) -> Iterator[tuple[str, str]]:
+    """A forkd-controller serving the snapshots in ``root`` on a free loopback port: (url, token). The
+    token looks like an E2B key (``e2b_`` + hex), so that E2B's SDKs accept it too."""
+    token = "e2b_" + secrets.token_hex(20)
     tf = work / "token"
     tf.write_text(token)
     tf.chmod(0o600)
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "forkd.daemon", "serve", "--bind", f"127.0.0.1:{port}",
                              "--state", str(work / "state.json"), "--audit-log", str(work / "audit.log"),
-                             "--token-file", str(tf), "--snapshot-root", str(root), "--log-level", "warning"],
+                             "--token-file", str(tf), "--snapshot-root", str(root), "--log-level", "warning",
+                             *extra_args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:

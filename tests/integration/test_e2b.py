@@ -22,7 +22,9 @@ from forkd.engine import Engine
 pytestmark = pytest.mark.vm
 
 ROOT = Path(__file__).resolve().parents[2]
-PYTHON = Path(os.environ.get("FORKD_E2B_PYTHON", ROOT / ".venv-e2b" / "bin" / "python"))
+#: the SDKs' venvs (``make e2b-venv``): the newest tested release and an older 2.x (creates with POST /sandboxes)
+PYTHONS = {"e2b-2.63": Path(os.environ.get("FORKD_E2B_PYTHON", ROOT / ".venv-e2b" / "bin" / "python")),
+           "e2b-2.50": ROOT / ".venv-e2b-old" / "bin" / "python"}
 
 SCRIPT = textwrap.dedent('''
     import io, json, sys, time
@@ -174,12 +176,14 @@ def e2b_daemon(engine: Engine, snapshot: str, forkd_home: Path) -> Iterator[tupl
     kill_vms_under(forkd_home)
 
 
-def test_e2b_sdks_against_forkd(e2b_daemon: tuple[Daemon, str], snapshot: str) -> None:
+@pytest.mark.parametrize("sdk", sorted(PYTHONS))
+def test_e2b_sdks_against_forkd(e2b_daemon: tuple[Daemon, str], snapshot: str, sdk: str) -> None:
     dm, url = e2b_daemon
-    assert PYTHON.exists(), f"{PYTHON} is missing: run `make e2b-venv` (the E2B SDKs' own venv)"
+    python = PYTHONS[sdk]
+    assert python.exists(), f"{python} is missing: run `make e2b-venv` (the E2B SDKs' own venvs)"
     env = {"PATH": os.environ["PATH"], "E2B_API_URL": url, "E2B_SANDBOX_URL": url, "E2B_API_KEY": dm.token}
     t0 = time.monotonic()
-    proc = subprocess.run([str(PYTHON), "-I", "-c", SCRIPT, snapshot], capture_output=True, text=True,
+    proc = subprocess.run([str(python), "-I", "-c", SCRIPT, snapshot], capture_output=True, text=True,
                           timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:] + (dm.dir / "daemon.log").read_text()[-3000:]
     out = json.loads(proc.stdout)
