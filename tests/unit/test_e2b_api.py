@@ -17,6 +17,7 @@ from starlette.testclient import TestClient
 from forkd.daemon.service import NotFound
 from forkd.e2b import connect as cx
 from forkd.e2b.app import create_e2b_app
+from forkd.e2b.auth import Keys
 from forkd.e2b.envd import parse_multipart, shell_fallback
 from forkd.engine.child import CodeOutput, ProcessOutput
 from forkd.errors import AgentError
@@ -207,7 +208,10 @@ def test_process_start_streams_connect_frames(env: tuple[TestClient, FakeControl
     bad = client.post("/process.Process/Start", content=req, headers={**h, "X-Access-Token": "nope"})
     assert _frames(bad.content) == [(2, {"error": {"code": "unauthenticated", "message": bad.text[bad.text.index(
         "invalid"):-3]}})]
-    gone = client.post("/process.Process/Start", content=req, headers={**h, "E2b-Sandbox-Id": "ffff"})
+    other = client.post("/process.Process/Start", content=req, headers={**h, "E2b-Sandbox-Id": "ffff"})
+    assert _frames(other.content)[0][1]["error"]["code"] == "unauthenticated"  # whether it exists is not told
+    gone = client.post("/process.Process/Start", content=req, headers={
+        **h, "E2b-Sandbox-Id": "ffff", "X-Access-Token": Keys(KEY).access_token("sb-ffff")})
     assert _frames(gone.content)[0][1]["error"]["code"] == "unavailable"
     assert "was not found" in _frames(gone.content)[0][1]["error"]["message"]
     r = client.post("/filesystem.Filesystem/Stat", json={"path": "/nope"}, headers={**h, "Content-Type":

@@ -104,13 +104,14 @@ def serve(bind: str, state_path: Path, snapshot_root: Path | None, audit_log: Pa
     if e2b_config is None:
         _Server(config).run()
     else:
-        asyncio.run(_serve_both(_Server(config), _QuietServer(e2b_config)))
+        asyncio.run(_serve_both(_MainServer(config), _QuietServer(e2b_config)))
     audit.close()
 
 
-async def _serve_both(main: uvicorn.Server, e2b: uvicorn.Server) -> None:
+async def _serve_both(main: _MainServer, e2b: uvicorn.Server) -> None:
     """The REST API and the E2B API in one event loop; the REST server's signals stop both."""
     task = asyncio.create_task(e2b.serve())
+    main.companion, main.companion_task = e2b, task
     try:
         await main.serve()
     finally:
@@ -158,6 +159,20 @@ class _Server(uvicorn.Server):
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
+
+
+class _MainServer(_Server):
+    """The REST server of a daemon that also serves E2B's API: that one stops first, before the
+    controller shuts down (the lifespan's end), so that no E2B request reaches a closed controller."""
+
+    companion: uvicorn.Server | None = None
+    companion_task: asyncio.Task[None] | None = None
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.companion is not None and self.companion_task is not None:
+            self.companion.should_exit = True
+            await self.companion_task
+        await super().shutdown(sockets)
 
 
 def build(bind: str, state_path: Path, snap_root: Path | None, audit_path: Path, token_file: Path | None,

@@ -89,6 +89,16 @@ class E2BApp:
         port = _header(scope, b"e2b-sandbox-port") or str(ENVD_PORT)
         try:
             sid = to_forkd_id(e2b_id)
+        except ForkdError as e:
+            await self._deny(scope, send, 400, str(e), connect_code="invalid_argument")
+            return
+        public = port == str(ENVD_PORT) and scope["path"] == "/health"
+        # the token first (an HMAC, no lookup): whether a sandbox exists is told only to its token's holder
+        if not public and not self.state.keys.access_token_ok(sid, _header(scope, b"x-access-token")):
+            await self._deny(scope, send, 401, "invalid or missing X-Access-Token for this sandbox",
+                             connect_code="unauthenticated")
+            return
+        try:
             await run_in_threadpool(self.state.ctl.running, sid)  # may read /proc (an adopted VM)
         except (NotFound, ForkdError) as e:
             missing = isinstance(e, NotFound) or "not running" in str(e)
@@ -100,11 +110,6 @@ class E2BApp:
             await self._deny(scope, send, 502, f"The sandbox {e2b_id} is running but port is not open: forkd serves "
                              f"only envd ({ENVD_PORT}) and the code interpreter ({JUPYTER_PORT}) here",
                              connect_code="unavailable")
-            return
-        public = port == str(ENVD_PORT) and scope["path"] == "/health"
-        if not public and not self.state.keys.access_token_ok(sid, _header(scope, b"x-access-token")):
-            await self._deny(scope, send, 401, "invalid or missing X-Access-Token for this sandbox",
-                             connect_code="unauthenticated")
             return
         scope = {**scope, "forkd.sid": sid}
         await (self.envd if port == str(ENVD_PORT) else self.interpreter)(scope, receive, send)

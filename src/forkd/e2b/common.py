@@ -4,6 +4,8 @@ kept by this layer (env vars given at create, execution counts), and the templat
 from __future__ import annotations
 
 import threading
+import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,10 +68,13 @@ class E2BState:
         return spec
 
     def has_bash(self, sid: str, tag: str) -> bool:
-        """Whether the snapshot's guest has /bin/bash (looked up once per snapshot)."""
+        """Whether this sandbox's guest has /bin/bash (looked up once per sandbox: a guest can add or
+        remove it, and must not decide for other sandboxes of its snapshot)."""
         with self._lock:
-            if tag in self._has_bash:
-                return self._has_bash[tag]
+            if sid in self._has_bash:
+                return self._has_bash[sid]
+            if len(self._has_bash) > 10_000:
+                self._has_bash.clear()
         from forkd.errors import AgentError
 
         try:
@@ -78,7 +83,7 @@ class E2BState:
         except AgentError:
             found = False
         with self._lock:
-            self._has_bash[tag] = found
+            self._has_bash[sid] = found
         return found
 
     def template_tag(self, template: str) -> str:
@@ -86,6 +91,46 @@ class E2BState:
         if template in DEFAULT_TEMPLATES and self.default_template and not self.ctl.engine.store.exists(template):
             return self.default_template
         return template
+
+
+#: E2B streams (process output, /execute) open at once: each holds one of the daemon's worker threads
+#: (shared with REST API v1) while it waits, so the holder of one sandbox's token cannot take them all
+MAX_STREAMS = 64
+
+
+class StreamSlot:
+    """One of MAX_STREAMS; ``release`` may be called more than once."""
+
+    def __init__(self, pool: threading.BoundedSemaphore) -> None:
+        self._pool, self._held = pool, True
+        self._lock = threading.Lock()
+
+    def release(self) -> None:
+        with self._lock:
+            if self._held:
+                self._held = False
+                self._pool.release()
+
+    def guard(self, events: Iterator[bytes]) -> Iterator[bytes]:
+        """``events``, the slot freed when they end, fail, or are dropped unread (a client that left)."""
+        def run() -> Iterator[bytes]:
+            try:
+                yield from events
+            finally:
+                self.release()
+        gen = run()
+        weakref.finalize(gen, self.release)
+        return gen
+
+
+STREAM_SLOTS = threading.BoundedSemaphore(MAX_STREAMS)
+
+
+def stream_slot() -> StreamSlot:
+    """A stream slot, or E2BError 429 when MAX_STREAMS are open."""
+    if not STREAM_SLOTS.acquire(blocking=False):
+        raise E2BError(429, f"{MAX_STREAMS} E2B streams (commands, run_code) are open: wait for some to end")
+    return StreamSlot(STREAM_SLOTS)
 
 
 async def read_body(request: Request, limit: int) -> bytes:

@@ -74,7 +74,7 @@ def parse_envelopes(body: bytes, max_messages: int = 16) -> list[dict[str, Any]]
 def parse_json(data: bytes) -> dict[str, Any]:
     try:
         obj = json.loads(data or b"{}")
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ConnectError("invalid_argument", f"the message is not JSON: {e}") from None
     if not isinstance(obj, dict):
         raise ConnectError("invalid_argument", "the message must be a JSON object")

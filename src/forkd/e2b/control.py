@@ -4,6 +4,7 @@ timeout, connect and refresh, over the Controller. Answers and errors in E2B's J
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -45,7 +46,7 @@ async def _json(request: Request) -> dict[str, Any]:
         return {}
     try:
         obj = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise E2BError(400, f"the body is not JSON: {e}") from None
     if not isinstance(obj, dict):
         raise E2BError(400, "the body must be a JSON object")
@@ -151,7 +152,7 @@ async def get(request: Request) -> Response:
     st = state(request)
     sid = to_forkd_id(request.path_params["id"])
     sb = await run_in_threadpool(st.ctl.get, sid)
-    return JSONResponse(_detail(st, sb.info()))
+    return JSONResponse(await run_in_threadpool(_detail, st, sb.info()))
 
 
 def _metadata_filter(raw: str | None) -> dict[str, str]:
@@ -173,8 +174,9 @@ async def list_(request: Request) -> Response:
         return JSONResponse([])
     template = request.query_params.get("template")
     infos = await run_in_threadpool(st.ctl.list_sandboxes, want)
-    out = [_listed(st, i) for i in infos if i.get("status") == "running"
-           and (template is None or i.get("snapshot_tag") == template)]
+    running = [i for i in infos if i.get("status") == "running"
+               and (template is None or i.get("snapshot_tag") == template)]
+    out = await run_in_threadpool(lambda: [_listed(st, i) for i in running])
     out.sort(key=lambda s: s["startedAt"], reverse=request.query_params.get("order") != "asc")
     limit = request.query_params.get("limit")
     if limit is not None and limit.isdigit():
@@ -249,6 +251,9 @@ async def fork(request: Request) -> Response:
     entries = await run_in_threadpool(
         st.ctl.spawn, tag, count, str(source.get("network") or "internet"), source.get("memory_limit_mib"), False,
         SPAWN_TIMEOUT_S, (), float(timeout or DEFAULT_TIMEOUT_S), dict(source.get("metadata") or {}))
+    if not any(e.get("sandbox") for e in entries):  # nothing uses the branch: it goes
+        with contextlib.suppress(Exception):
+            await run_in_threadpool(st.ctl.delete_snapshot, tag)
     envs = dict(st.extra(sid).envs)
     results: list[dict[str, Any]] = []
     for entry in entries:

@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from forkd.e2b import connect as cx
-from forkd.e2b.common import E2BState, read_body, state
+from forkd.e2b.common import E2BState, read_body, state, stream_slot
 from forkd.e2b.errors import E2BError, connect_error
 from forkd.errors import AgentError
 from forkd.limits import MAX_PATH
@@ -123,6 +123,8 @@ def _gunzip(data: bytes, limit: int) -> bytes:
         raise E2BError(400, f"the gzip body is corrupt: {e}") from None
     if len(out) > limit or d.unconsumed_tail:
         raise E2BError(413, f"the uncompressed body is larger than {limit} bytes")
+    if not d.eof or d.unused_data:
+        raise E2BError(400, "the gzip body is truncated, or has data after its end")
     return out
 
 
@@ -135,13 +137,13 @@ async def write_files(request: Request) -> Response:
         ctype = request.headers.get("content-type", "")
         query_path = request.query_params.get("path")
         if ctype.startswith("multipart/form-data"):
-            parts = parse_multipart(body, ctype)
+            parts = await run_in_threadpool(parse_multipart, body, ctype)
             files = [(guest_path(query_path or name or "", "path"), data) for name, data in parts]
             if query_path and len(files) > 1:
                 raise E2BError(400, "path= names one file, and the upload has several")
         else:
             if request.headers.get("content-encoding", "identity") == "gzip":
-                body = _gunzip(body, MAX_UPLOAD)
+                body = await run_in_threadpool(_gunzip, body, MAX_UPLOAD)
             elif request.headers.get("content-encoding", "identity") != "identity":
                 raise E2BError(400, "Content-Encoding: only gzip or identity")
             files = [(guest_path(query_path), body)]
@@ -216,7 +218,7 @@ def _stream(events: Iterator[bytes]) -> StreamingResponse:
 
 def _timeout_s(request: Request) -> float | None:
     raw = request.headers.get("connect-timeout-ms")
-    if raw is None or not raw.isdigit() or int(raw) == 0:
+    if raw is None or not raw.isdigit() or len(raw) > 12 or int(raw) == 0:
         return None
     return min(int(raw) / 1000.0, 86400.0)
 
@@ -264,13 +266,18 @@ async def process_rpc(request: Request) -> Response:
     streaming = method in ("Start", "Connect")
     try:
         msg = await _rpc_message(request, streaming)
-        if method == "Start":
-            pid = await run_in_threadpool(_start_sync, st, sid, msg, _timeout_s(request))
-            return _stream(process_events(st, sid, pid))
-        if method == "Connect":
-            pid = _pid(msg)
-            await run_in_threadpool(_exists_sync, st, sid, pid)
-            return _stream(process_events(st, sid, pid))
+        if method in ("Start", "Connect"):
+            slot = stream_slot()  # before a process is started that could not be streamed
+            try:
+                if method == "Start":
+                    pid = await run_in_threadpool(_start_sync, st, sid, msg, _timeout_s(request))
+                else:
+                    pid = _pid(msg)
+                    await run_in_threadpool(_exists_sync, st, sid, pid)
+            except BaseException:
+                slot.release()
+                raise
+            return _stream(slot.guard(process_events(st, sid, pid)))
         return cx.unary(await run_in_threadpool(_process_unary, st, sid, method, msg))
     except Exception as e:  # noqa: BLE001 - answered in Connect's shape
         err = connect_error(e)

@@ -17,7 +17,8 @@ log = logging.getLogger("forkd.e2b")
 
 #: forkd's HTTP status -> the Connect code of the same error
 CONNECT_CODE = {400: "invalid_argument", 401: "unauthenticated", 404: "not_found", 409: "failed_precondition",
-                413: "resource_exhausted", 422: "invalid_argument", 503: "unavailable", 504: "deadline_exceeded"}
+                413: "resource_exhausted", 422: "invalid_argument", 429: "resource_exhausted", 503: "unavailable",
+                504: "deadline_exceeded"}
 
 
 class E2BError(Exception):

@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from forkd.e2b.common import E2BState, read_body, state
+from forkd.e2b.common import E2BState, read_body, state, stream_slot
 from forkd.e2b.envd import sid_of
 from forkd.e2b.errors import E2BError
 from forkd.engine.child import CodeOutput
@@ -70,8 +70,9 @@ async def execute(request: Request) -> Response:
     st = state(request)
     sid = sid_of(request)
     try:
-        body = json.loads(await read_body(request, MAX_CODE_BYTES + 4096))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        # JSON escapes: a character may take 6 bytes
+        body = json.loads(await read_body(request, 6 * MAX_CODE_BYTES + 4096))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise E2BError(400, f"the body is not JSON: {e}") from None
     if not isinstance(body, dict) or not isinstance(body.get("code"), str):
         raise E2BError(400, "code: required, a string")
@@ -82,8 +83,8 @@ async def execute(request: Request) -> Response:
     if body.get("env_vars"):
         raise E2BError(400, "env_vars are not supported by forkd's run_code")
     await run_in_threadpool(st.ctl.running, sid)  # a 404/409 before the stream starts
-    return StreamingResponse(execute_events(st, sid, body["code"]), media_type="application/x-ndjson",
-                             headers={"Cache-Control": "no-store"})
+    events = stream_slot().guard(execute_events(st, sid, body["code"]))
+    return StreamingResponse(events, media_type="application/x-ndjson", headers={"Cache-Control": "no-store"})
 
 
 async def health(request: Request) -> Response:
