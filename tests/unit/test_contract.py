@@ -48,13 +48,18 @@ SDK_CALLS: list[Callable[[], b.Call[Any] | b.StreamCall]] = [
     lambda: b.op_process_stdin(SID, 42, b"\x00", True), lambda: b.op_process_kill(SID, 42, "TERM"),
     lambda: b.op_run_code_stream(SID, "print(1)", 10.0),
     lambda: b.op_pack(TAG, 19), lambda: b.op_unpack(__file__, "renamed", True),
+    lambda: b.op_create_workspace("ws1", TAG, "none", 256, 300.0, {"team": "a"}, 60.0, 120.0),
+    lambda: b.op_create_workspace("ws1", TAG, "internet", None, None, None, None, 30.0),
+    b.op_list_workspaces, lambda: b.op_get_workspace("ws1"), lambda: b.op_suspend_workspace("ws1"),
+    lambda: b.op_resume_workspace("ws1"), lambda: b.op_delete_workspace("ws1"),
 ]
 #: SDK result type -> the schema of the daemon's answer
 RESULTS = {sm.VersionInfo: "Version", sm.SnapshotInfo: "SnapshotInfo", sm.BranchResult: "BranchResponse",
            sm.SandboxInfo: "SandboxInfo", sm.SpawnEntry: "SpawnEntry", sm.PingResult: "PingResponse",
            sm.InterruptResult: "InterruptResponse", sm.PendingSnapshot: "PendingSnapshot",
            sm.EvalResult: "EvalResponse", sm.Execution: "RunCodeResponse", sm.CommandResult: "ExecResponse",
-           sm.FileEntry: "FileEntry", sm.ProcessInfo: "ProcessInfo", sm.UnpackResult: "UnpackResponse"}
+           sm.FileEntry: "FileEntry", sm.ProcessInfo: "ProcessInfo", sm.UnpackResult: "UnpackResponse",
+           sm.WorkspaceInfo: "WorkspaceInfo"}
 
 
 @pytest.fixture(scope="module")

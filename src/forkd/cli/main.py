@@ -14,6 +14,7 @@ from forkd.cli.mcp_cmd import mcp_command
 from forkd.cli.pack_cmd import pack_command, unpack_command
 from forkd.cli.sandbox_cmd import branch, sandbox
 from forkd.cli.snapshot_cmd import snapshot
+from forkd.cli.workspace_cmd import workspace
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -37,6 +38,7 @@ cli.add_command(branch)
 cli.add_command(pack_command)
 cli.add_command(unpack_command)
 cli.add_command(mcp_command)
+cli.add_command(workspace)
 
 
 def main() -> None:

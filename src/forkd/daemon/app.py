@@ -10,10 +10,11 @@ from fastapi import FastAPI
 from forkd import __version__
 from forkd.daemon import errors
 from forkd.daemon.metrics import Metrics
-from forkd.daemon.routers import files, processes, sandboxes, service, snapshots
+from forkd.daemon.routers import files, processes, sandboxes, service, snapshots, workspaces
 from forkd.daemon.service import Controller
 
-ROUTERS = (service.router, snapshots.router, sandboxes.router, processes.router, files.router)
+ROUTERS = (service.router, snapshots.router, sandboxes.router, processes.router, files.router,
+           workspaces.router)
 
 
 def create_app(ctl: Controller, metrics: Metrics) -> FastAPI:

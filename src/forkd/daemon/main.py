@@ -25,6 +25,7 @@ from forkd.daemon.auth import BearerAuth, is_loopback, load_token
 from forkd.daemon.metrics import Metrics
 from forkd.daemon.service import Controller
 from forkd.daemon.state import StateFile
+from forkd.daemon.workspaces import Registry, Workspaces
 from forkd.engine import Engine
 from forkd.errors import ForkdError, ValidationError
 from forkd.limits import MAX_LIFETIME_S
@@ -86,17 +87,31 @@ def cli() -> None:
               help="The E2B API key (mode 0600, e.g. e2b_<hex>); default: the --token-file token.")
 @click.option("--e2b-template", envvar="FORKD_E2B_TEMPLATE", default=None,
               help="Snapshot tag for E2B's default templates (base, code-interpreter-v1) when none has their name.")
+@click.option("--workspace-max-depth", envvar="FORKD_WORKSPACE_MAX_DEPTH", default=4, show_default=True,
+              type=click.IntRange(1, 32), help="Links of its own a workspace state may sit on before compaction.")
+@click.option("--workspace-idle-suspend", envvar="FORKD_WORKSPACE_IDLE_SUSPEND", default=None,
+              type=click.FloatRange(min=1, max=MAX_LIFETIME_S),
+              help="Seconds without a request after which a running workspace is suspended (default: never, "
+                   "unless its create gives idle_suspend_s).")
+@click.option("--workspace-mode", envvar="FORKD_WORKSPACE_MODE", default="delta", show_default=True,
+              type=click.Choice(["delta", "auto", "flat"]),
+              help="BRANCH mode of a workspace suspend (delta: the state is the dirty pages only).")
 def serve(bind: str, state_path: Path, snapshot_root: Path | None, audit_log: Path, token_file: Path | None,
           tls_cert: Path | None, tls_key: Path | None, scratch_dir: Path | None, branch_concurrency: int,
           pool_size: int, sandbox_timeout: float | None, accel: str | None, log_level: str,
-          insecure_no_jail: bool, e2b_bind: str | None, e2b_key_file: Path | None, e2b_template: str | None) -> None:
+          insecure_no_jail: bool, e2b_bind: str | None, e2b_key_file: Path | None, e2b_template: str | None,
+          workspace_max_depth: int = 4, workspace_idle_suspend: float | None = None,
+          workspace_mode: str = "delta") -> None:
     """Serve the REST API."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         setup_jail(insecure_no_jail)
         config, audit, e2b_config = build(bind, state_path, snapshot_root, audit_log, token_file, tls_cert, tls_key,
                                           scratch_dir, branch_concurrency, pool_size, accel, log_level,
-                                          sandbox_timeout, e2b_bind, e2b_key_file, e2b_template)
+                                          sandbox_timeout, e2b_bind, e2b_key_file, e2b_template,
+                                          workspace_max_depth=workspace_max_depth,
+                                          workspace_idle_suspend=workspace_idle_suspend,
+                                          workspace_mode=workspace_mode)
     except ForkdError as e:
         click.echo(f"forkd-controller: error: {e}", err=True)
         sys.exit(2)
@@ -179,7 +194,9 @@ def build(bind: str, state_path: Path, snap_root: Path | None, audit_path: Path,
           tls_cert: Path | None, tls_key: Path | None, scratch_dir: Path | None, branch_concurrency: int,
           pool_size: int, accel: str | None, log_level: str, sandbox_timeout: float | None = None,
           e2b_bind: str | None = None, e2b_key_file: Path | None = None,
-          e2b_template: str | None = None) -> tuple[uvicorn.Config, AuditLog, uvicorn.Config | None]:
+          e2b_template: str | None = None, workspace_max_depth: int = 4,
+          workspace_idle_suspend: float | None = None,
+          workspace_mode: str = "delta") -> tuple[uvicorn.Config, AuditLog, uvicorn.Config | None]:
     where = parse_bind(bind)
     token = load_token(token_file) if token_file else None
     warning = check_bind_auth(bind, where, token)
@@ -205,6 +222,12 @@ def build(bind: str, state_path: Path, snap_root: Path | None, audit_path: Path,
     engine.accel  # noqa: B018 - fail at start-up, not on the first request, if the accelerator is unusable
     ctl = Controller(engine, StateFile(state_path), pool_size=pool_size, default_lifetime_s=sandbox_timeout)
     ctl.branch_concurrency = branch_concurrency
+    try:
+        ctl.workspaces = Workspaces(ctl, Registry(state_path.with_name("workspaces.json")),
+                                    max_depth=workspace_max_depth, idle_suspend_s=workspace_idle_suspend,
+                                    mode=workspace_mode)
+    except ValueError as e:
+        raise ValidationError(str(e)) from e
     audit = AuditLog(audit_path)
     metrics = Metrics(lambda: sum(1 for _t, snap, _e in engine.store.list() if snap is not None), ctl.active_count,
                       ctl.branches_in_flight)
@@ -218,10 +241,12 @@ def build(bind: str, state_path: Path, snap_root: Path | None, audit_path: Path,
         anyio.to_thread.current_default_thread_limiter().total_tokens = 256
         report = ctl.reconcile()
         ctl.start_reaper()
+        ctl.workspaces.start_idle_check()
         log.info("forkd-controller %s on %s (accel %s); reconcile: %s", __version__, bind, engine.accel.name,
                  {k: len(v) for k, v in report.items()})
         yield
         log.info("shutting down: sandboxes keep running and are re-adopted at the next start")
+        ctl.workspaces.stop()
         ctl.shutdown()
 
     app.router.lifespan_context = lifespan

@@ -453,3 +453,45 @@ class WriteResult(BaseModel):
 class MkdirRequest(Strict):
     path: str = Field(min_length=1, max_length=MAX_PATH)
     parents: bool = True
+
+
+class CreateWorkspaceRequest(Strict):
+    name: str = Field(pattern=TAG_PATTERN, description="The workspace's name (letters, digits, '_' and '-').")
+    snapshot_tag: str = Field(pattern=TAG_PATTERN, description="The snapshot its first sandbox is forked from.")
+    network: Literal["internet", "none", "user"] = Field("internet", description="As for POST /v1/sandboxes.")
+    memory_limit_mib: int | None = Field(None, ge=MIN_MEMORY_LIMIT_MIB, le=MAX_MEMORY_LIMIT_MIB)
+    lifetime_s: float | None = Field(None, gt=0, le=MAX_LIFETIME_S,
+                                     description="Each of its sandboxes' lifetime, from its start or resume.")
+    metadata: Metadata = Field(default_factory=dict, description="Labels of its sandboxes (plus forkd.workspace).")
+    idle_suspend_s: float | None = Field(
+        None, gt=0, le=MAX_LIFETIME_S,
+        description="Suspend it after this many seconds without a request to its sandbox (default: the daemon's "
+                    "--workspace-idle-suspend, none unless configured).")
+    timeout_s: float = Field(120.0, gt=0, le=MAX_TIMEOUT_S, description="Seconds allowed for the restore.")
+
+
+class WorkspaceOptions(BaseModel):
+    network: str = "internet"
+    memory_limit_mib: int | None = None
+    lifetime_s: float | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
+    idle_suspend_s: float | None = None
+
+
+class WorkspaceInfo(BaseModel):
+    name: str
+    snapshot_tag: str = Field(description="The snapshot it was created from.")
+    state_tag: str | None = Field(None, description="Its last suspended state (null: never suspended).")
+    sandbox_id: str | None = Field(None, description="Its sandbox while running.")
+    status: Literal["running", "suspended", "stale"] = Field(
+        description="stale: it was running but its sandbox is gone (a reboot, a kill); resume it.")
+    options: WorkspaceOptions
+    created_at: float
+    last_active: float = Field(description="Unix time of the last request to its sandbox (or of its suspend).")
+    suspended_at: float | None = None
+    state_bytes: int = Field(0, description="Bytes on disk of its state (the snapshots of its own it needs).")
+    depth: int = Field(0, description="Links of its own in its state's chain.")
+    links: list[str] = Field(default_factory=list, description="The snapshots it owns, oldest first.")
+    suspends: int = 0
+    last_suspend: dict[str, Any] | None = Field(None, description="The last suspend's branch: mode, pause_ms, "
+                                                                  "total_ms, dirty_bytes, bytes_written.")

@@ -100,6 +100,8 @@ class Controller:
         self.spawn_observer: Any = None  # callback(seconds) per restored child, for metrics
         self._pack_slots = threading.BoundedSemaphore(PACKS_IN_FLIGHT)
         self._scratch: set[Path] = set()  # scratch directories of packs and uploads in flight
+        self.last_active: dict[str, float] = {}  # sandbox id -> unix time of the last request that used it
+        self.workspaces: Any = None  # forkd.daemon.workspaces.Workspaces, set by the daemon
 
     # -- lifecycle
     def reconcile(self) -> dict[str, list[str]]:
@@ -172,6 +174,7 @@ class Controller:
 
     def _end(self, sb: Sandbox, reason: str) -> None:
         self._sandboxes.pop(sb.id, None)
+        self.last_active.pop(sb.id, None)
         self._ended[sb.id] = {"reason": reason, "ended_at": time.time(), "snapshot_tag": sb.child.snapshot,
                               "metadata": sb.metadata}
         while len(self._ended) > MAX_ENDED:  # the oldest goes (state.json keeps keys sorted, not in order)
@@ -431,6 +434,7 @@ class Controller:
         status = sb.child.vm.exit_status()
         if status is not None:
             raise Conflict(f"sandbox {sid} is not running ({status})")
+        self.last_active[sid] = time.time()
         return sb.child
 
     def delete(self, sid: str) -> None:

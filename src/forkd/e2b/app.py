@@ -17,7 +17,7 @@ from starlette.types import Receive, Scope, Send
 
 from forkd.daemon.service import Controller, NotFound
 from forkd.e2b import connect as cx
-from forkd.e2b import control, envd, interpreter
+from forkd.e2b import control, envd, interpreter, pause
 from forkd.e2b.auth import Keys, to_forkd_id
 from forkd.e2b.common import E2BState
 from forkd.e2b.errors import E2BError, rest_error, rest_status
@@ -99,6 +99,7 @@ class E2BApp:
                              connect_code="unauthenticated")
             return
         try:
+            sid = await run_in_threadpool(pause.current, self.state, sid)  # a resumed one: its new sandbox
             await run_in_threadpool(self.state.ctl.running, sid)  # may read /proc (an adopted VM)
         except (NotFound, ForkdError) as e:
             missing = isinstance(e, NotFound) or "not running" in str(e)

@@ -39,6 +39,7 @@ class E2BState:
         self.default_template = default_template
         self._lock = threading.Lock()
         self._extra: dict[str, SandboxExtra] = {}
+        self.paused_envs: dict[str, dict[str, str]] = {}  # E2B identity -> env vars while paused (e2b/pause.py)
         self._specs: dict[str, dict[str, Any]] = {}
         self._has_bash: dict[str, bool] = {}
 

@@ -1,6 +1,6 @@
 """The E2B control plane: create (``POST /sandboxes``, ``POST /v2/sandboxes``), get, list, kill,
-timeout, connect and refresh, over the Controller. Answers and errors in E2B's JSON (camelCase,
-``{"code", "message"}``)."""
+timeout, connect, refresh, fork, and pause/resume (over workspaces, e2b/pause.py), over the
+Controller. Answers and errors in E2B's JSON (camelCase, ``{"code", "message"}``)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from forkd.e2b import pause as pz
 from forkd.e2b.auth import to_e2b_id, to_forkd_id
 from forkd.e2b.common import ENVD_VERSION, MAX_JSON_BODY, E2BState, read_body, state
 from forkd.e2b.errors import E2BError
@@ -151,8 +152,12 @@ async def create(request: Request) -> Response:
 async def get(request: Request) -> Response:
     st = state(request)
     sid = to_forkd_id(request.path_params["id"])
-    sb = await run_in_threadpool(st.ctl.get, sid)
-    return JSONResponse(await run_in_threadpool(_detail, st, sb.info()))
+    paused = await run_in_threadpool(pz.paused_entry, st, sid)
+    if paused is not None:
+        return JSONResponse({**paused, "envdAccessToken": st.keys.access_token(sid), "domain": None,
+                             "lifecycle": {"autoResume": False, "onTimeout": "kill"}})
+    sb = await run_in_threadpool(st.ctl.get, await run_in_threadpool(pz.current, st, sid))
+    return JSONResponse(await run_in_threadpool(lambda: _detail(st, pz.as_e2b(st, sb.info()))))
 
 
 def _metadata_filter(raw: str | None) -> dict[str, str]:
@@ -170,13 +175,16 @@ async def list_(request: Request) -> Response:
     except ValueError as e:
         raise E2BError(400, f"metadata: {e}") from None
     states = request.query_params.get("state")
-    if states is not None and "running" not in states.split(","):
-        return JSONResponse([])
+    wanted = {"running", "paused"} if states is None else set(states.split(","))
     template = request.query_params.get("template")
     infos = await run_in_threadpool(st.ctl.list_sandboxes, want)
     running = [i for i in infos if i.get("status") == "running"
-               and (template is None or i.get("snapshot_tag") == template)]
-    out = await run_in_threadpool(lambda: [_listed(st, i) for i in running])
+               and (template is None or i.get("snapshot_tag") == template)] if "running" in wanted else []
+    out = await run_in_threadpool(lambda: [_listed(st, pz.as_e2b(st, i)) for i in running])
+    if "paused" in wanted:
+        out += [p for p in await run_in_threadpool(pz.paused_all, st)
+                if (template is None or p["templateID"] == template)
+                and all(p["metadata"].get(k) == v for k, v in want.items())]
     out.sort(key=lambda s: s["startedAt"], reverse=request.query_params.get("order") != "asc")
     limit = request.query_params.get("limit")
     if limit is not None and limit.isdigit():
@@ -187,6 +195,8 @@ async def list_(request: Request) -> Response:
 async def kill(request: Request) -> Response:
     st = state(request)
     sid = to_forkd_id(request.path_params["id"])
+    if await run_in_threadpool(pz.delete, st, sid):  # one that was paused: its workspace goes
+        return Response(status_code=204)
     await run_in_threadpool(st.ctl.delete, sid)
     st.forget(sid)
     return Response(status_code=204)
@@ -199,7 +209,7 @@ async def set_timeout(request: Request) -> Response:
     timeout = _timeout(body, default=None)
     if timeout is None:
         raise E2BError(400, "timeout: required")
-    await run_in_threadpool(st.ctl.set_lifetime, sid, float(timeout))
+    await run_in_threadpool(st.ctl.set_lifetime, await run_in_threadpool(pz.current, st, sid), float(timeout))
     return Response(status_code=204)
 
 
@@ -208,7 +218,7 @@ async def refresh(request: Request) -> Response:
     st = state(request)
     sid = to_forkd_id(request.path_params["id"])
     duration = _timeout(await _json(request), "duration", default=DEFAULT_TIMEOUT_S) or 0
-    await run_in_threadpool(_extend, st, sid, duration)
+    await run_in_threadpool(_extend, st, await run_in_threadpool(pz.current, st, sid), duration)
     return Response(status_code=204)
 
 
@@ -220,13 +230,18 @@ def _extend(st: E2BState, sid: str, seconds: int) -> dict[str, Any]:
 
 
 async def connect(request: Request) -> Response:
-    """Connect to a running sandbox (there is no pause here): its lifetime is only ever extended."""
+    """Connect to a sandbox: a running one's lifetime is only ever extended; a paused one is resumed
+    (201), from its workspace's last state, under the same E2B id and access token."""
     st = state(request)
     sid = to_forkd_id(request.path_params["id"])
     body = await _json(request)
     timeout = _timeout(body, default=None)
-    info = await run_in_threadpool(_extend, st, sid, timeout) if timeout else (await run_in_threadpool(
-        st.ctl.get, sid)).info()
+    if (await run_in_threadpool(pz.status, st, sid))[0] in ("suspended", "stale"):
+        _, info = await run_in_threadpool(pz.resume, st, sid, timeout)
+        return JSONResponse(_sandbox(st, sid, str(info["snapshot_tag"])), status_code=201)
+    actual = await run_in_threadpool(pz.current, st, sid)
+    info = await run_in_threadpool(_extend, st, actual, timeout) if timeout else (await run_in_threadpool(
+        st.ctl.get, actual)).info()
     return JSONResponse(_sandbox(st, sid, str(info["snapshot_tag"])), status_code=200)
 
 
@@ -245,7 +260,9 @@ async def fork(request: Request) -> Response:
     if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= MAX_FORKS:
         raise E2BError(400, f"count: expected an integer in 1..{MAX_FORKS}; got {count!r}")
     timeout = _timeout(body)
-    source = (await run_in_threadpool(st.ctl.get, sid)).info()
+    sid = await run_in_threadpool(pz.current, st, sid)
+    sb = await run_in_threadpool(st.ctl.get, sid)
+    source = await run_in_threadpool(lambda: pz.as_e2b(st, sb.info()))
     branched, _ = await run_in_threadpool(st.ctl.branch, sid, None, "auto", True)
     tag = str(branched["tag"])
     entries = await run_in_threadpool(
@@ -267,7 +284,29 @@ async def fork(request: Request) -> Response:
 
 
 async def pause(request: Request) -> Response:
-    raise E2BError(400, "pausing is not supported by forkd (a sandbox runs until killed or its timeout)")
+    """Pause: the sandbox becomes (or is) the workspace ``e2b-<id>`` and is suspended to disk (memory,
+    processes, files); 409 if it is paused already. ``memory`` / ``requireHealthyGuest`` are accepted:
+    the memory is always kept."""
+    st = state(request)
+    sid = to_forkd_id(request.path_params["id"])
+    body = await _json(request)
+    unknown = set(body) - {"memory", "requireHealthyGuest"}
+    if unknown:
+        raise E2BError(400, f"unknown fields: {sorted(unknown)[:10]}")
+    if not await run_in_threadpool(pz.pause, st, sid):
+        raise E2BError(409, f"sandbox {request.path_params['id']} is already paused")
+    return Response(status_code=204)
+
+
+async def resume(request: Request) -> Response:
+    """Resume a paused sandbox (as connect does for one): 201 with the sandbox; 409 if it runs."""
+    st = state(request)
+    sid = to_forkd_id(request.path_params["id"])
+    body = await _json(request)
+    if body.get("autoPause") is True:
+        raise E2BError(400, "autoPause is not supported by forkd")
+    _, info = await run_in_threadpool(pz.resume, st, sid, _timeout(body, default=None))
+    return JSONResponse(_sandbox(st, sid, str(info["snapshot_tag"])), status_code=201)
 
 
 async def unsupported(request: Request) -> Response:
@@ -289,7 +328,7 @@ ROUTES = [
     Route("/v2/sandboxes/{id}/connect", connect, methods=["POST"]),
     Route("/sandboxes/{id}/fork", fork, methods=["POST"]),
     Route("/sandboxes/{id}/pause", pause, methods=["POST"]),
-    Route("/sandboxes/{id}/resume", pause, methods=["POST"]),
+    Route("/sandboxes/{id}/resume", resume, methods=["POST"]),
     *(Route(p, unsupported, methods=["GET", "POST", "PUT"]) for p in (
         "/sandboxes/{id}/snapshots", "/sandboxes/{id}/metrics", "/sandboxes/metrics",
         "/sandboxes/{id}/logs", "/v2/sandboxes/{id}/logs", "/sandboxes/{id}/network", "/snapshots")),

@@ -5,7 +5,14 @@ mirror them for asyncio. Errors are :class:`ForkdAPIError` subclasses (see :mod:
 The same names are exported from the top-level ``forkd`` package.
 """
 
-from forkd.sdk.aio import AsyncCommandHandle, AsyncCommands, AsyncController, AsyncFiles, AsyncSandbox
+from forkd.sdk.aio import (
+    AsyncCommandHandle,
+    AsyncCommands,
+    AsyncController,
+    AsyncFiles,
+    AsyncSandbox,
+    AsyncWorkspace,
+)
 from forkd.sdk.errors import (
     APIConnectionError,
     APIStatusError,
@@ -39,8 +46,9 @@ from forkd.sdk.models import (
     SnapshotInfo,
     UnpackResult,
     VersionInfo,
+    WorkspaceInfo,
 )
-from forkd.sdk.sync import CommandHandle, Commands, Controller, Files, Sandbox
+from forkd.sdk.sync import CommandHandle, Commands, Controller, Files, Sandbox, Workspace
 
 __all__ = [
     "APIConnectionError",
@@ -51,6 +59,7 @@ __all__ = [
     "AsyncController",
     "AsyncFiles",
     "AsyncSandbox",
+    "AsyncWorkspace",
     "AuthenticationError",
     "BadRequestError",
     "CodeError",
@@ -83,4 +92,6 @@ __all__ = [
     "UnpackResult",
     "UnprocessableEntityError",
     "VersionInfo",
+    "Workspace",
+    "WorkspaceInfo",
 ]

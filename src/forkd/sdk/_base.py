@@ -57,6 +57,7 @@ from forkd.sdk.models import (
     SpawnEntry,
     UnpackResult,
     VersionInfo,
+    WorkspaceInfo,
 )
 
 T = TypeVar("T")
@@ -783,6 +784,53 @@ def op_mkdir(sandbox_id: str, path: str) -> Call[None]:
 def op_remove(sandbox_id: str, path: str, recursive: bool) -> Call[None]:
     return Call("DELETE", sandbox_path(sandbox_id, "/files"), nothing,
                 params={"path": guest_path(path), "recursive": bool(recursive)})
+
+
+# ---------------------------------------------------------------- workspaces
+
+
+def workspace_path(name: str, rest: str = "") -> str:
+    return f"/v1/workspaces/{segment(name, 'name')}{rest}"
+
+
+def op_create_workspace(name: str, snapshot_tag: str, network: str, memory_limit_mib: int | None,
+                        lifetime: float | None, metadata: Mapping[str, str] | None, idle_suspend: float | None,
+                        timeout: float) -> Call[WorkspaceInfo]:
+    check_str(name, "name", empty=False)
+    check_str(snapshot_tag, "snapshot_tag", empty=False)
+    if network not in NETWORKS:
+        raise ValueError(f"network: must be one of {', '.join(map(repr, NETWORKS))}, got {network!r}")
+    body: dict[str, Any] = {"name": name, "snapshot_tag": snapshot_tag, "network": network,
+                            "timeout_s": seconds(timeout)}
+    if memory_limit_mib is not None:
+        body["memory_limit_mib"] = check_int(memory_limit_mib, "memory_limit_mib", 1)
+    if lifetime is not None:
+        body["lifetime_s"] = seconds(lifetime, "lifetime", MAX_LIFETIME_S)
+    if metadata:
+        body["metadata"] = labels(metadata)
+    if idle_suspend is not None:
+        body["idle_suspend_s"] = seconds(idle_suspend, "idle_suspend", MAX_LIFETIME_S)
+    return Call("POST", "/v1/workspaces", model(WorkspaceInfo), json=body, timeout=body["timeout_s"] + MARGIN)
+
+
+def op_list_workspaces() -> Call[list[WorkspaceInfo]]:
+    return Call("GET", "/v1/workspaces", models(WorkspaceInfo))
+
+
+def op_get_workspace(name: str) -> Call[WorkspaceInfo]:
+    return Call("GET", workspace_path(name), model(WorkspaceInfo))
+
+
+def op_suspend_workspace(name: str) -> Call[WorkspaceInfo]:
+    return Call("POST", workspace_path(name, "/suspend"), model(WorkspaceInfo), timeout=600.0)
+
+
+def op_resume_workspace(name: str) -> Call[WorkspaceInfo]:
+    return Call("POST", workspace_path(name, "/resume"), model(WorkspaceInfo), timeout=600.0)
+
+
+def op_delete_workspace(name: str) -> Call[None]:
+    return Call("DELETE", workspace_path(name), nothing, timeout=600.0)
 
 
 # ---------------------------------------------------------------- shared state of the client objects

@@ -48,9 +48,11 @@ from forkd.sdk.models import (
     SnapshotInfo,
     UnpackResult,
     VersionInfo,
+    WorkspaceInfo,
 )
 
-__all__ = ["AsyncCommandHandle", "AsyncCommands", "AsyncController", "AsyncFiles", "AsyncSandbox"]
+__all__ = ["AsyncCommandHandle", "AsyncCommands", "AsyncController", "AsyncFiles", "AsyncSandbox",
+           "AsyncWorkspace"]
 
 T = TypeVar("T")
 
@@ -246,6 +248,25 @@ class AsyncController(b.BaseController):
     async def get_sandbox(self, sandbox_id: str) -> AsyncSandbox:
         """The sandbox with that id; NotFoundError if there is none."""
         return AsyncSandbox(self, await self._request(b.op_get_sandbox(sandbox_id)))
+
+    # -- workspaces
+    async def create_workspace(self, name: str, snapshot_tag: str, *, network: str = "internet",
+                         memory_limit_mib: int | None = None, lifetime: float | None = None,
+                         metadata: Mapping[str, str] | None = None, idle_suspend: float | None = None,
+                         timeout: float = 120.0) -> AsyncWorkspace:
+        """Start a sandbox under ``name`` (ConflictError if the name exists). ``idle_suspend``: seconds
+        without a request after which the daemon suspends it."""
+        info = await self._request(b.op_create_workspace(name, snapshot_tag, network, memory_limit_mib, lifetime,
+                                                       metadata, idle_suspend, timeout))
+        return AsyncWorkspace(self, name, info)
+
+    async def workspace(self, name: str) -> AsyncWorkspace:
+        """A handle on the workspace ``name`` (nothing is asked until it is used)."""
+        b.segment(name, "name")
+        return AsyncWorkspace(self, name)
+
+    async def list_workspaces(self) -> list[WorkspaceInfo]:
+        return await self._request(b.op_list_workspaces())
 
 
 class AsyncSandbox(b.BaseSandbox):
@@ -465,3 +486,45 @@ class AsyncFiles:
             await sb._request(b.op_get_sandbox(sb.id))
             return False
         return True
+
+
+class AsyncWorkspace:
+    """A workspace by name: ``suspend()`` stores its sandbox (memory, processes, files) on disk and stops
+    it; ``resume()`` starts a new sandbox from that state and returns it."""
+
+    def __init__(self, controller: AsyncController, name: str, info: WorkspaceInfo | None = None) -> None:
+        self._ctl = controller
+        self.name = name
+        self._info = info
+
+    def __repr__(self) -> str:
+        return f"AsyncWorkspace(name={self.name!r})"
+
+    async def info(self) -> WorkspaceInfo:
+        """Its status, state and options now (NotFoundError if there is none)."""
+        self._info = await self._ctl._request(b.op_get_workspace(self.name))
+        return self._info
+
+    async def sandbox(self) -> AsyncSandbox:
+        """Its running sandbox (ConflictError if it is not running)."""
+        info = await self.info()
+        if info.status != "running" or not info.sandbox_id:
+            from forkd.sdk.errors import ConflictError
+
+            raise ConflictError(f"workspace {self.name} is {info.status}", status=409)
+        return await self._ctl.get_sandbox(info.sandbox_id)
+
+    async def suspend(self) -> WorkspaceInfo:
+        """Save its sandbox's whole state to disk and stop it (ConflictError if it is not running)."""
+        self._info = await self._ctl._request(b.op_suspend_workspace(self.name))
+        return self._info
+
+    async def resume(self) -> AsyncSandbox:
+        """Start it again from its last state, with its options: a new sandbox (ConflictError if running)."""
+        self._info = await self._ctl._request(b.op_resume_workspace(self.name))
+        assert self._info.sandbox_id is not None
+        return await self._ctl.get_sandbox(self._info.sandbox_id)
+
+    async def delete(self) -> None:
+        """Kill its sandbox and delete its states."""
+        await self._ctl._request(b.op_delete_workspace(self.name))

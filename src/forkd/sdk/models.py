@@ -28,6 +28,7 @@ __all__ = [
     "SpawnEntry",
     "UnpackResult",
     "VersionInfo",
+    "WorkspaceInfo",
 ]
 
 
@@ -308,3 +309,30 @@ class FileEntry(Model):
     @property
     def is_file(self) -> bool:
         return self.type == "file"
+
+
+@dataclass(frozen=True)
+class WorkspaceInfo(Model):
+    """A workspace: a sandbox under a name, ``running``, ``suspended`` (its state on disk) or ``stale``
+    (it was running and its sandbox is gone, e.g. after a reboot: resume it from its last state)."""
+
+    name: str
+    snapshot_tag: str
+    status: str
+    options: dict[str, Any] = field(default_factory=dict)
+    """network, memory_limit_mib, lifetime_s, metadata, idle_suspend_s: what each resume uses."""
+    created_at: float = 0.0
+    last_active: float = 0.0
+    state_tag: str | None = None
+    sandbox_id: str | None = None
+    suspended_at: float | None = None
+    state_bytes: int = 0
+    """Bytes on disk of the state (the snapshots of its own it needs)."""
+    depth: int = 0
+    links: list[str] = field(default_factory=list)
+    suspends: int = 0
+    last_suspend: dict[str, Any] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.status == "running"

@@ -40,9 +40,10 @@ from forkd.sdk.models import (
     SnapshotInfo,
     UnpackResult,
     VersionInfo,
+    WorkspaceInfo,
 )
 
-__all__ = ["CommandHandle", "Commands", "Controller", "Files", "Sandbox"]
+__all__ = ["CommandHandle", "Commands", "Controller", "Files", "Sandbox", "Workspace"]
 
 T = TypeVar("T")
 
@@ -236,6 +237,25 @@ class Controller(b.BaseController):
     def get_sandbox(self, sandbox_id: str) -> Sandbox:
         """The sandbox with that id; NotFoundError if there is none."""
         return Sandbox(self, self._request(b.op_get_sandbox(sandbox_id)))
+
+    # -- workspaces
+    def create_workspace(self, name: str, snapshot_tag: str, *, network: str = "internet",
+                         memory_limit_mib: int | None = None, lifetime: float | None = None,
+                         metadata: Mapping[str, str] | None = None, idle_suspend: float | None = None,
+                         timeout: float = 120.0) -> Workspace:
+        """Start a sandbox under ``name`` (ConflictError if the name exists). ``idle_suspend``: seconds
+        without a request after which the daemon suspends it."""
+        info = self._request(b.op_create_workspace(name, snapshot_tag, network, memory_limit_mib, lifetime,
+                                                       metadata, idle_suspend, timeout))
+        return Workspace(self, name, info)
+
+    def workspace(self, name: str) -> Workspace:
+        """A handle on the workspace ``name`` (nothing is asked until it is used)."""
+        b.segment(name, "name")
+        return Workspace(self, name)
+
+    def list_workspaces(self) -> list[WorkspaceInfo]:
+        return self._request(b.op_list_workspaces())
 
 
 class Sandbox(b.BaseSandbox):
@@ -475,3 +495,45 @@ class Files:
             sb._request(b.op_get_sandbox(sb.id))
             return False
         return True
+
+
+class Workspace:
+    """A workspace by name: ``suspend()`` stores its sandbox (memory, processes, files) on disk and stops
+    it; ``resume()`` starts a new sandbox from that state and returns it."""
+
+    def __init__(self, controller: Controller, name: str, info: WorkspaceInfo | None = None) -> None:
+        self._ctl = controller
+        self.name = name
+        self._info = info
+
+    def __repr__(self) -> str:
+        return f"Workspace(name={self.name!r})"
+
+    def info(self) -> WorkspaceInfo:
+        """Its status, state and options now (NotFoundError if there is none)."""
+        self._info = self._ctl._request(b.op_get_workspace(self.name))
+        return self._info
+
+    def sandbox(self) -> Sandbox:
+        """Its running sandbox (ConflictError if it is not running)."""
+        info = self.info()
+        if info.status != "running" or not info.sandbox_id:
+            from forkd.sdk.errors import ConflictError
+
+            raise ConflictError(f"workspace {self.name} is {info.status}", status=409)
+        return self._ctl.get_sandbox(info.sandbox_id)
+
+    def suspend(self) -> WorkspaceInfo:
+        """Save its sandbox's whole state to disk and stop it (ConflictError if it is not running)."""
+        self._info = self._ctl._request(b.op_suspend_workspace(self.name))
+        return self._info
+
+    def resume(self) -> Sandbox:
+        """Start it again from its last state, with its options: a new sandbox (ConflictError if running)."""
+        self._info = self._ctl._request(b.op_resume_workspace(self.name))
+        assert self._info.sandbox_id is not None
+        return self._ctl.get_sandbox(self._info.sandbox_id)
+
+    def delete(self) -> None:
+        """Kill its sandbox and delete its states."""
+        self._ctl._request(b.op_delete_workspace(self.name))
