@@ -49,6 +49,21 @@ def atomic_write_json(path: Path, obj: Any, mode: int = 0o644) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), mode)
 
 
+def read_versioned_json(path: Path, version: int, what: str) -> dict[str, Any]:
+    """The JSON object at ``path`` whose ``version`` is ``version`` ({} when there is no file);
+    ValueError naming the file for one that is not JSON or of another version (``what``: its kind)."""
+    try:
+        d = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(d, dict) or d.get("version") != version:
+        got = d.get("version") if isinstance(d, dict) else d
+        raise ValueError(f"{path}: unsupported {what} version {got!r}")
+    return d
+
+
 def sha256_file(path: Path, chunk: int = 4 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

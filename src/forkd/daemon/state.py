@@ -7,7 +7,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from forkd.fsutil import atomic_write_json
+from forkd.fsutil import atomic_write_json, read_versioned_json
 
 VERSION = 1
 
@@ -19,16 +19,7 @@ class StateFile:
 
     def load(self) -> dict[str, dict[str, Any]]:
         """The recorded sandboxes by id (empty when there is no state yet)."""
-        try:
-            d = json.loads(self.path.read_text())
-        except FileNotFoundError:
-            return {}
-        except ValueError as e:
-            raise ValueError(f"{self.path} is not valid JSON: {e}") from e
-        if not isinstance(d, dict) or d.get("version") != VERSION:
-            got = d.get("version") if isinstance(d, dict) else d
-            raise ValueError(f"{self.path}: unsupported state version {got!r}")
-        sb = d.get("sandboxes", {})
+        sb = read_versioned_json(self.path, VERSION, "state").get("sandboxes", {})
         return {k: v for k, v in sb.items() if isinstance(v, dict)}
 
     def load_ended(self) -> dict[str, dict[str, Any]]:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from forkd.daemon.service import Conflict, NotFound
 from forkd.errors import DependentsError, ForkdError, SnapshotInvalidError, SnapshotNotFoundError, ValidationError
-from forkd.fsutil import atomic_write_json
+from forkd.fsutil import atomic_write_json, read_versioned_json
 from forkd.limits import MAX_METADATA
 
 if TYPE_CHECKING:
@@ -85,16 +85,7 @@ class Registry:
         self._lock = threading.Lock()
 
     def load(self) -> dict[str, dict[str, Any]]:
-        try:
-            d = json.loads(self.path.read_text())
-        except FileNotFoundError:
-            return {}
-        except ValueError as e:
-            raise ValueError(f"{self.path} is not valid JSON: {e}") from e
-        if not isinstance(d, dict) or d.get("version") != VERSION:
-            got = d.get("version") if isinstance(d, dict) else d
-            raise ValueError(f"{self.path}: unsupported workspaces version {got!r}")
-        ws = d.get("workspaces", {})
+        ws = read_versioned_json(self.path, VERSION, "workspaces").get("workspaces", {})
         return {k: v for k, v in ws.items() if isinstance(v, dict) and isinstance(k, str) and NAME_RE.fullmatch(k)}
 
     def save(self, records: dict[str, dict[str, Any]]) -> None:
