@@ -4,8 +4,11 @@
 Measured side by side in one run, so ratios are meaningful on a noisy machine:
   * ``cold_boot``: a parent booted from the guest image until its agent is ready (the snapshot
     creation the benchmark does itself);
-  * ``pool``: N children activated from N QEMUs pre-started in ``-incoming defer`` (pool filled
-    before the clock starts);
+  * ``pool``: N children taken from a pool of N filled before the clock starts: warm members (the
+    default: the snapshot loaded and the agent's first requests answered ahead, ``restore.warm_member``)
+    or, with ``--pool-warm off``, QEMUs waiting in ``-incoming defer`` that load the state when taken
+    (mode ``pool-deferred``; ``--pool-warm both`` runs both, interleaved); ``pool_prefill_s`` is what
+    filling the pool took;
   * ``cold``: N children each launched as a new QEMU process;
   * ``single``: one fork at a time from a pool of one, repeated (the latency of "a fork" on an
     otherwise idle machine).
@@ -64,9 +67,10 @@ def fanout_stats(runs: list[dict[str, Any]]) -> dict[str, float | None]:
     }
 
 
-def run_mode(eng: Engine, tag: str, n: int, mode: str, concurrency: int | None) -> dict[str, Any]:
+def run_mode(eng: Engine, tag: str, n: int, mode: str, concurrency: int | None,
+             warm: bool = True) -> dict[str, Any]:
     if mode == "pool":
-        pool = eng.start_pool(tag, n)
+        pool = eng.start_pool(tag, n, warm=warm)
         t = time.monotonic()
         if not pool.wait_full(timeout=1200):
             raise SystemExit(f"pool did not fill: {pool.stats()}")
@@ -80,7 +84,7 @@ def run_mode(eng: Engine, tag: str, n: int, mode: str, concurrency: int | None) 
         pss = [r.child.memory().get("Pss", 0) / 1024 for r in ok if r.child]
         rss = [r.child.memory().get("Rss", 0) / 1024 for r in ok if r.child]
         out = {
-            "mode": mode, "n": n, "ok": len(ok), "failed": n - len(ok),
+            "mode": mode if warm or mode != "pool" else "pool-deferred", "n": n, "ok": len(ok), "failed": n - len(ok),
             "errors": sorted({str(r.error or r.then)[:200] for r in results if r not in ok})[:5],
             "wall_s_all_answered": round(wall, 3),
             "latency_ms": {"median": round(statistics.median(lat), 1), "p90": round(pct(lat, 90), 1),
@@ -92,6 +96,7 @@ def run_mode(eng: Engine, tag: str, n: int, mode: str, concurrency: int | None) 
         }
         if mode == "pool":
             out["pool_prefill_s"] = round(prefill_s, 2)
+            out["warm"] = warm
         return out
     finally:
         for r in results:
@@ -100,9 +105,9 @@ def run_mode(eng: Engine, tag: str, n: int, mode: str, concurrency: int | None) 
         eng.close_pools()
 
 
-def single_forks(eng: Engine, tag: str, reps: int) -> dict[str, Any]:
+def single_forks(eng: Engine, tag: str, reps: int, warm: bool = True) -> dict[str, Any]:
     """One fork at a time (pool of 1, refilled between forks): restore start -> eval answered."""
-    eng.start_pool(tag, 1)
+    eng.start_pool(tag, 1, warm=warm)
     lat = []
     try:
         for _ in range(reps):
@@ -116,7 +121,7 @@ def single_forks(eng: Engine, tag: str, reps: int) -> dict[str, Any]:
                 r.child.kill()
     finally:
         eng.close_pools()
-    return {"mode": "single", "reps": reps, "ok": len(lat),
+    return {"mode": "single" if warm else "single-deferred", "warm": warm, "reps": reps, "ok": len(lat),
             "latency_ms": {"median": round(statistics.median(lat), 1), "p90": round(pct(lat, 90), 1),
                            "max": round(max(lat), 1)} if lat else None}
 
@@ -130,10 +135,13 @@ def main() -> None:
     ap.add_argument("--single-reps", type=int, default=10, help="sequential single forks (0: skip)")
     ap.add_argument("--jail", choices=["on", "off", "both"], default="on",
                     help="jailed QEMUs (the default), unjailed, or both side by side in this run")
+    ap.add_argument("--pool-warm", choices=["on", "off", "both"], default="on",
+                    help="pool members warm (the default), waiting for state, or both side by side")
     ap.add_argument("--png", default=None, help="draw wall time and PSS per child against N to this file")
     args = ap.parse_args()
     ns = [int(x) for x in str(args.n).split(",") if x.strip()]
     jails = {"on": [True], "off": [False], "both": [True, False]}[args.jail]
+    warms = {"on": [True], "off": [False], "both": [True, False]}[args.pool_warm]
     eng = Engine()
     image = build_image()
     tag = f"bench-{os.getpid()}"
@@ -147,14 +155,16 @@ def main() -> None:
         for n in ns:
             for m in [m.strip() for m in args.modes.split(",") if m.strip()]:
                 # interleaved, the order flipped every time: neither setting always goes first
-                for jailed in (jails if k % 2 == 0 else jails[::-1]):
+                combos = [(j, w) for j in jails for w in (warms if m == "pool" else [True])]
+                for jailed, warm in (combos if k % 2 == 0 else combos[::-1]):
                     jail.configure(jailed)
-                    modes.append({**run_mode(eng, tag, n, m, args.concurrency), "jail": jailed})
+                    modes.append({**run_mode(eng, tag, n, m, args.concurrency, warm), "jail": jailed})
                 k += 1
         if args.single_reps:
             for jailed in jails:
-                jail.configure(jailed)
-                modes.append({**single_forks(eng, tag, args.single_reps), "jail": jailed})
+                for warm in warms:
+                    jail.configure(jailed)
+                    modes.append({**single_forks(eng, tag, args.single_reps, warm), "jail": jailed})
     finally:
         jail.configure(None)
         eng.delete_snapshot(tag)

@@ -306,7 +306,7 @@ def test_root_pool_serves_delta_branches(engine: Engine, snapshot: str, spawn, f
     flat = branch(engine, tags, child, "pool-f", "flat").snapshot.tag
     child.kill()
     try:
-        pool = engine.start_pool(snapshot, 2)
+        pool = engine.start_pool(snapshot, 2, warm=False)  # a warm pool has the root's own state loaded
         assert pool.wait_full(timeout=600), pool.stats()
         kids = fork(delta, 2, concurrency=2)
         assert [k.from_pool for k in kids] == [True, True]
@@ -316,6 +316,12 @@ def test_root_pool_serves_delta_branches(engine: Engine, snapshot: str, spawn, f
         (kf,) = fork(flat, 1)
         assert not kf.from_pool
         assert kf.eval("(WHO, zlib.crc32(DATA) == CK)", timeout=T)["value"] == ["pooled", True]
+        # a warm pool (the default) has the root's own state loaded: a delta is then restored cold, correctly
+        engine.close_pools()
+        assert engine.start_pool(snapshot, 1).wait_full(timeout=600)
+        (kw,) = fork(delta, 1)
+        assert not kw.from_pool
+        assert kw.eval("(WHO, zlib.crc32(DATA) == CK)", timeout=T)["value"] == ["pooled", True]
     finally:
         engine.close_pools()
 

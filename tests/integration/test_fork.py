@@ -51,6 +51,34 @@ def test_fresh_gives_distinct_randomness_and_a_current_clock(spawn) -> None:
         assert abs(guest - time.time()) < 1.0
 
 
+def test_children_from_a_warm_pool_are_distinct_and_current(engine: Engine, snapshot: str) -> None:
+    """A warm pool member has loaded the snapshot and answered a fresh before it is taken: the spawn's own
+    fresh must still give each child its own clock and random streams, and its own state."""
+    pool = engine.start_pool(snapshot, 2)
+    kids = []
+    try:
+        assert pool.warm and pool.wait_full(timeout=600), pool.stats()
+        members = list(pool._ready)
+        # the members are loaded and running already, before any spawn
+        assert all(m.qmp.execute("query-status")["status"] == "running" for m in members)
+        results = engine.spawn(snapshot, 2)
+        kids = [r.child for r in results if r.child is not None]
+        assert [r.error for r in results] == [None, None]
+        assert all(k.from_pool for k in kids) and {k.pid for k in kids} == {m.pid for m in members}
+        code = "import os, random\n(os.urandom(16).hex(), random.random(), float(numpy.random.random()))"
+        vals = [k.run_code(code)["value"] for k in kids]
+        assert vals[0][0] != vals[1][0] and vals[0][1] != vals[1][1] and vals[0][2] != vals[1][2]
+        kids[0].run_code("WHO = 'first'")
+        assert kids[1].eval("'WHO' in globals()")["value"] is False
+        for k in kids:
+            assert k.fresh["clock_set"] and k.fresh["rng_reseeded"] and k.fresh["numpy_reseeded"], k.fresh
+            assert abs(k.eval("__import__('time').time()")["value"] - time.time()) < 1.0
+    finally:
+        engine.close_pools()
+        for k in kids:
+            k.kill()
+
+
 def test_eval_run_code_exec_and_files(spawn) -> None:
     (k,) = spawn(1)
     k.run_code("counter = 1")

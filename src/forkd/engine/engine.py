@@ -133,20 +133,27 @@ class Engine:
         return chain.info(self.store, validate_tag(tag))
 
     # -- pools
-    def start_pool(self, tag: str, size: int, network: str = "internet") -> Pool:
-        """Keep ``size`` QEMUs waiting for snapshot ``tag`` (resizes an existing pool)."""
+    def start_pool(self, tag: str, size: int, network: str = "internet", warm: bool = True) -> Pool:
+        """Keep ``size`` QEMUs ready for snapshot ``tag`` (resizes an existing pool): warm (the snapshot
+        loaded and the agent's first requests answered) or, with ``warm=False``, waiting for state."""
         if size < 0:
             raise ValidationError(f"pool size must be >= 0; got {size}")
-        with self._lock:
-            pool = self._pools.get(tag)
-            if pool is not None:
-                pool.resize(size)
+        replaced = None
+        try:
+            with self._lock:
+                pool = self._pools.get(tag)
+                if pool is not None and pool.warm == warm:
+                    pool.resize(size)
+                    return pool
+                replaced = self._pools.pop(tag, None)  # a pool of the other kind: its members go
+                snap = self.open_snapshot(tag)
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                pool = Pool(snap, self.qemu, self.run_dir, size, network, warm=warm)
+                self._pools[tag] = pool
                 return pool
-            snap = self.open_snapshot(tag)
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            pool = Pool(snap, self.qemu, self.run_dir, size, network)
-            self._pools[tag] = pool
-            return pool
+        finally:
+            if replaced is not None:
+                replaced.close()
 
     def pool(self, tag: str) -> Pool | None:
         with self._lock:
@@ -193,7 +200,7 @@ class Engine:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         plain = (network in ("internet", "user") and memory_limit_mib is None and cpu_limit is None
                  and not per_child_netns and not expose and netns is None)
-        pool = self.pool(snap.memory_owner) if use_pool and plain else None
+        pool = self._pool_for(snap) if use_pool and plain else None
         namespaces = self._free_netns(n) if per_child_netns else [netns] * n
         workers = max(1, min(n, concurrency or os.cpu_count() or 2))
 
@@ -217,6 +224,15 @@ class Engine:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="spawn") as ex:
             return list(ex.map(one, range(n)))
 
+    def _pool_for(self, snap: Snapshot) -> Pool | None:
+        """The pool a spawn of ``snap`` takes from: its own, else a cold pool of the snapshot whose
+        memory it shares (a warm member has another snapshot's state loaded already)."""
+        own = self.pool(snap.tag)
+        if own is not None:
+            return own
+        owner = self.pool(snap.memory_owner) if snap.memory_owner != snap.tag else None
+        return owner if owner is not None and not owner.warm else None
+
     def _free_netns(self, n: int) -> list[str | None]:
         """``forkd-child-<i>`` names for ``n`` children: the lowest numbers no live child is using."""
         used = {str(r.meta["netns"]) for r in recorded_vms(self.run_dir) if r.alive and r.meta.get("netns")}
@@ -236,7 +252,8 @@ class Engine:
         t0 = time.monotonic()
         try:
             if vm is not None:
-                send_state(vm, snap)
+                if pool is not None and not pool.warm:
+                    send_state(vm, snap)
                 return finish_restore(vm, snap, t0, timeout, from_pool=True)
             vm = launch_child(snap, self.qemu, self.run_dir, network=network, memory_limit_mib=memory_limit_mib,
                               netns=netns, expose=expose, cpu_limit=cpu_limit)

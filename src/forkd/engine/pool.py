@@ -1,7 +1,11 @@
-"""A pool of QEMU processes started ahead of time for one snapshot, waiting in ``-incoming defer``.
+"""A pool of QEMU processes started ahead of time for one snapshot.
 
-Taking a member skips QEMU's start-up (~25 ms, and all of its CPU): activation is only the state
-load. A background thread keeps ``size`` members waiting.
+A member is a QEMU started in ``-incoming defer``; a *warm* member (the default) has also loaded the
+snapshot and answered a ``fresh`` and an ``eval`` (``restore.warm_member``), so a spawn that takes
+it pays neither QEMU's start-up nor the first run of the agent's code paths (under TCG, their
+translation: most of a child's CPU up to its first answer). A cold member (``warm=False``) waits for
+state and can take any snapshot sharing this one's memory (a branch). A background thread keeps
+``size`` members ready.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from collections import deque
 from pathlib import Path
 
 from forkd.engine.qemu import QemuBinary
-from forkd.engine.restore import launch_child, wait_waiting
+from forkd.engine.restore import launch_child, wait_waiting, warm_member
 from forkd.engine.snapshot import Snapshot
 from forkd.engine.vm import VMProcess
 from forkd.errors import ForkdError
@@ -27,7 +31,7 @@ class Pool:
     """Pre-started QEMUs for snapshot ``snap``; ``take()`` hands one out, the refill thread replaces it."""
 
     def __init__(self, snap: Snapshot, qemu: QemuBinary, run_dir: Path, size: int,
-                 network: str = "internet", start: bool = True) -> None:
+                 network: str = "internet", start: bool = True, warm: bool = True) -> None:
         if size < 0:
             raise ValueError("pool size must be >= 0")
         self.snap = snap
@@ -35,6 +39,7 @@ class Pool:
         self.run_dir = run_dir
         self.size = size
         self.network = network
+        self.warm = warm
         self._ready: deque[VMProcess] = deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -100,7 +105,7 @@ class Pool:
 
     def stats(self) -> dict[str, object]:
         return {"snapshot": self.snap.tag, "size": self.size, "ready": self.ready_count(),
-                "started": self.started, "failures": self.failures, "last_error": self.last_error}
+                "started": self.started, "warm": self.warm, "failures": self.failures, "last_error": self.last_error}
 
     # -- refill thread
     def _refill_loop(self) -> None:
@@ -119,6 +124,8 @@ class Pool:
                 vm = launch_child(self.snap, self.qemu, self.run_dir, network=self.network, preload=False,
                                   meta={"pool": True})
                 wait_waiting(vm, timeout=60)
+                if self.warm:
+                    warm_member(vm, self.snap)
             except Exception as e:  # noqa: BLE001 - a refill thread that dies would leave the pool empty for good
                 if vm is not None:
                     with contextlib.suppress(ForkdError, OSError):
