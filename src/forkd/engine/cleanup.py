@@ -40,18 +40,30 @@ class Orphan:
         return f"{self.pid} {self.vm_id}: its work dir is gone ({self.log})"
 
 
+def _pidns(pid: str) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}/ns/pid").st_ino
+    except OSError:
+        return None
+
+
 def orphans() -> list[Orphan]:
     """Every forkd QEMU on this host whose work dir no longer exists, whichever run dir it had.
 
     A VM's stdout is its work dir's ``qemu.log``; when the work dir was removed while QEMU ran (a
-    controller that died between the two), the kernel shows that file as deleted."""
+    controller that died between the two), the kernel shows that file as deleted. A QEMU in another
+    PID namespace belongs to a forkd in a container, whose work dirs this process cannot see: never
+    an orphan of ours."""
     out = []
+    own_pidns = _pidns("self")
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
             args = (proc / "cmdline").read_bytes().split(b"\0")
             if not args or not os.path.basename(args[0]).startswith(b"qemu-system"):
+                continue
+            if own_pidns is not None and _pidns(proc.name) != own_pidns:
                 continue
             name = next((b.decode() for a, b in zip(args, args[1:], strict=False) if a == b"-name"), "")
             if not name.startswith("forkd-"):
