@@ -15,6 +15,7 @@ __all__ = [
     "APIStatusError",
     "APITimeoutError",
     "AsyncController",
+    "AsyncMultiController",
     "AsyncSandbox",
     "AuthenticationError",
     "BadRequestError",
@@ -24,6 +25,7 @@ __all__ = [
     "ForkdAPIError",
     "GatewayTimeoutError",
     "InternalServerError",
+    "MultiController",
     "NotFoundError",
     "PayloadTooLargeError",
     "PermissionDeniedError",
@@ -32,6 +34,8 @@ __all__ = [
     "SpawnError",
     "UnprocessableEntityError",
     "__version__",
+    "aconnect",
+    "connect",
 ]
 _SDK_NAMES = frozenset(__all__) - {"__version__"}
 
@@ -41,6 +45,7 @@ if TYPE_CHECKING:
         APIStatusError,
         APITimeoutError,
         AsyncController,
+        AsyncMultiController,
         AsyncSandbox,
         AuthenticationError,
         BadRequestError,
@@ -50,6 +55,7 @@ if TYPE_CHECKING:
         ForkdAPIError,
         GatewayTimeoutError,
         InternalServerError,
+        MultiController,
         NotFoundError,
         PayloadTooLargeError,
         PermissionDeniedError,
@@ -57,6 +63,8 @@ if TYPE_CHECKING:
         ServiceUnavailableError,
         SpawnError,
         UnprocessableEntityError,
+        aconnect,
+        connect,
     )
 
 

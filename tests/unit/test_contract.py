@@ -48,6 +48,8 @@ SDK_CALLS: list[Callable[[], b.Call[Any] | b.StreamCall]] = [
     lambda: b.op_process_stdin(SID, 42, b"\x00", True), lambda: b.op_process_kill(SID, 42, "TERM"),
     lambda: b.op_run_code_stream(SID, "print(1)", 10.0),
     lambda: b.op_pack(TAG, 19), lambda: b.op_unpack(__file__, "renamed", True),
+    b.op_capacity, lambda: b.op_pull("https://peer:8889/v1/snapshots/snap/pack", "0" * 64, "copy", True, "tok", 600.0),
+    lambda: b.op_pull("http://files.example/snap.tar.zst", None, None, False, None, 60.0),
     lambda: b.op_create_workspace("ws1", TAG, "none", 256, 300.0, {"team": "a"}, 60.0, 120.0),
     lambda: b.op_create_workspace("ws1", TAG, "internet", None, None, None, None, 30.0),
     b.op_list_workspaces, lambda: b.op_get_workspace("ws1"), lambda: b.op_suspend_workspace("ws1"),
@@ -59,7 +61,7 @@ RESULTS = {sm.VersionInfo: "Version", sm.SnapshotInfo: "SnapshotInfo", sm.Branch
            sm.InterruptResult: "InterruptResponse", sm.PendingSnapshot: "PendingSnapshot",
            sm.EvalResult: "EvalResponse", sm.Execution: "RunCodeResponse", sm.CommandResult: "ExecResponse",
            sm.FileEntry: "FileEntry", sm.ProcessInfo: "ProcessInfo", sm.UnpackResult: "UnpackResponse",
-           sm.WorkspaceInfo: "WorkspaceInfo"}
+           sm.WorkspaceInfo: "WorkspaceInfo", sm.CapacityInfo: "Capacity", sm.PullResult: "PullResponse"}
 
 
 @pytest.fixture(scope="module")

@@ -166,13 +166,18 @@ def test_qcow2_layers_that_would_open_other_files_are_refused(tmp_path: Path) ->
     disk.new_layer(ok, 256 << 20)
     disk.check_qcow2(ok, "layer")
     for opts, why in (("data_file=" + str(tmp_path / "host-file"), "external data file"),
-                      ("encrypt.format=luks,encrypt.key-secret=s", "encryption"), ("compat=0.10", "version 2")):
+                      ("encrypt", "encryption"), ("compat=0.10", "version 2")):
         bad = tmp_path / "bad.qcow2"
         bad.unlink(missing_ok=True)
-        argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, str(bad), "64M"]
-        if "luks" in opts:
-            argv[2:2] = ["--object", "secret,id=s,data=pw"]
+        # qemu-img's luks set-up times its key derivation and fails on a loaded host ("Unable to get
+        # accurate CPU usage"): an encrypted layer is a plain one with crypt_method 2 (LUKS) in its header
+        extra = [] if opts == "encrypt" else ["-o", opts]
+        argv = ["qemu-img", "create", "-q", "-f", "qcow2", *extra, str(bad), "64M"]
         subprocess.run(argv, check=True, capture_output=True)
+        if opts == "encrypt":
+            with open(bad, "r+b") as f:
+                f.seek(32)
+                f.write((2).to_bytes(4, "big"))
         with pytest.raises(SnapshotInvalidError, match=why):
             disk.check_qcow2(bad, "layer")
     with pytest.raises(SnapshotInvalidError, match="not a qcow2"):

@@ -44,6 +44,27 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/capacity": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * Capacity
+         * @description What this node can still take: memory, vCPUs, sandboxes running and their limit, the pools, and
+         *     ``free_slots``, the sandboxes a client spreading a spawn over several controllers gives it at most.
+         */
+        get: operations["capacity_v1_capacity_get"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/sandboxes": {
         parameters: {
             query?: never;
@@ -437,6 +458,30 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/snapshots/pull": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Pull Snapshot
+         * @description Fetch a pack from ``url`` (another controller's ``/v1/snapshots/{tag}/pack``, or any http(s) URL),
+         *     check its ``sha256`` if given, then verify and register it as ``/unpack`` does (``forkd pull``,
+         *     ``forkd push``). ``token`` goes to the URL's own origin only. The pack may use the disk's free space
+         *     less 1 GiB (413 beyond); a source that fails or is too slow is a 502; 503 when two packs or unpacks
+         *     are already in flight. See pull.py for the rules a URL and its redirects follow.
+         */
+        post: operations["pull_snapshot_v1_snapshots_pull_post"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/snapshots/unpack": {
         parameters: {
             query?: never;
@@ -707,6 +752,73 @@ export interface components {
             tag: string;
             /** Total Ms */
             total_ms?: number | null;
+        };
+        /**
+         * Capacity
+         * @description What this node can still take (``GET /v1/capacity``): a client spreading a spawn over several
+         *     controllers divides it by ``free_slots``. Bytes, unix CPUs; ``free_slots`` is an estimate.
+         */
+        Capacity: {
+            /**
+             * Free Slots
+             * @description Sandboxes that fit now: (available - reserve) / cost, at most max_sandboxes - sandboxes_running - sandboxes_starting.
+             */
+            free_slots: number;
+            /**
+             * Max Sandboxes
+             * @description --max-sandboxes (null: no limit).
+             */
+            max_sandboxes?: number | null;
+            /**
+             * Memory Available Bytes
+             * @description The host's MemAvailable, or what the daemon's cgroup limit leaves if less.
+             */
+            memory_available_bytes: number;
+            /**
+             * Memory Limit Bytes
+             * @description The daemon's cgroup v2 memory.max (null: none).
+             */
+            memory_limit_bytes?: number | null;
+            /**
+             * Memory Reserve Bytes
+             * @description Memory left free for the host when counting free_slots.
+             */
+            memory_reserve_bytes: number;
+            /**
+             * Memory Total Bytes
+             * @description The host's MemTotal, or this daemon's cgroup limit if lower.
+             */
+            memory_total_bytes: number;
+            /**
+             * Node
+             * @description This controller's node name (--node-name, default the hostname).
+             */
+            node: string;
+            /**
+             * Pool Ready
+             * @description Snapshot tag -> QEMUs waiting in its pool (--pool-size).
+             */
+            pool_ready?: {
+                [key: string]: number;
+            };
+            /**
+             * Sandbox Cost Bytes
+             * @description Memory a sandbox is counted at for free_slots.
+             */
+            sandbox_cost_bytes: number;
+            /** Sandboxes Running */
+            sandboxes_running: number;
+            /**
+             * Sandboxes Starting
+             * @description Children of spawns in flight.
+             * @default 0
+             */
+            sandboxes_starting?: number;
+            /**
+             * Vcpus
+             * @description CPUs the daemon may run on.
+             */
+            vcpus: number;
         };
         /** CodeError */
         CodeError: {
@@ -1124,6 +1236,86 @@ export interface components {
              * @default false
              */
             timed_out?: boolean;
+        };
+        /** PullRequest */
+        PullRequest: {
+            /**
+             * Force
+             * @description Replace snapshots with the same tags but other content (else 409).
+             * @default false
+             */
+            force?: boolean;
+            /**
+             * Sha256
+             * @description The pack file's sha256 (hex): checked before anything is registered.
+             */
+            sha256?: string | null;
+            /**
+             * Tag
+             * @description Register under this tag (a pack of one snapshot only).
+             */
+            tag?: string | null;
+            /**
+             * Timeout S
+             * @description Seconds the whole download may take (connecting: at most 30).
+             * @default 3600
+             */
+            timeout_s?: number;
+            /**
+             * Token
+             * @description Bearer token (visible ASCII) sent with the request to the URL's own origin only (scheme, host and port; never again once a redirect left it), e.g. the peer controller's. Never logged.
+             */
+            token?: string | null;
+            /**
+             * Url
+             * @description http(s) URL of a pack: another controller's /v1/snapshots/{tag}/pack, or any server's .tar.zst. Redirects: at most 5, http(s) only, never https to http.
+             */
+            url: string;
+        };
+        /**
+         * PullResponse
+         * @description What a pull registered (as an unpack), and what was fetched.
+         */
+        PullResponse: {
+            /**
+             * Bytes
+             * @description Bytes of the pack.
+             */
+            bytes: number;
+            /**
+             * Registered
+             * @description Written now (new, or replaced with force).
+             */
+            registered: string[];
+            /**
+             * Replaced
+             * @description Among registered: were here with other content.
+             */
+            replaced: string[];
+            /**
+             * Reused
+             * @description Already here with the same files: left as they were.
+             */
+            reused: string[];
+            /** Seconds */
+            seconds: number;
+            /**
+             * Sha256
+             * @description The pack file's sha256 (hex).
+             */
+            sha256: string;
+            /**
+             * Source
+             * @description The URL fetched last (after redirects), without its query or credentials.
+             */
+            source: string;
+            /** Tags */
+            tags: string[];
+            /**
+             * Warnings
+             * @description Why this host might refuse to restore them (QEMU, accelerator).
+             */
+            warnings: string[];
         };
         /** RunCodeRequest */
         RunCodeRequest: {
@@ -1607,6 +1799,89 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content?: never;
+            };
+            /** @description Bad Request */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Unauthorized */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Not Found */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Conflict */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Unprocessable Entity */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Internal Server Error */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Service Unavailable */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    capacity_v1_capacity_get: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Capacity"];
+                };
             };
             /** @description Bad Request */
             400: {
@@ -4000,6 +4275,111 @@ export interface operations {
             };
             /** @description Internal Server Error */
             500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Service Unavailable */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    pull_snapshot_v1_snapshots_pull_post: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["PullRequest"];
+            };
+        };
+        responses: {
+            /** @description Successful Response */
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["PullResponse"];
+                };
+            };
+            /** @description Bad Request */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Unauthorized */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Not Found */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Conflict */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Request Entity Too Large */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Unprocessable Entity */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Internal Server Error */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Bad Gateway */
+            502: {
                 headers: {
                     [name: string]: unknown;
                 };

@@ -66,11 +66,10 @@ def local_cycle(tag: str, n: int, accel: str | None) -> list[dict[str, Any]]:
 
 
 def remote_cycle(url: str, token_file: Path | None, tag: str, n: int) -> list[dict[str, Any]]:
-    from forkd.sdk import Controller
+    from forkd.cli.common import remote_controller
 
-    token = token_file.read_text().strip() if token_file else None
     s = Steps()
-    with Controller(url, token, timeout=600.0) as ctl:
+    with remote_controller(url, token_file) as ctl:  # one controller (a list is a usage error)
         kids: list[Any] = []
         branch_tag: str | None = None
         try:

@@ -12,6 +12,7 @@ from forkd.cli.fork_cmd import fork
 from forkd.cli.image_cmd import image
 from forkd.cli.mcp_cmd import mcp_command
 from forkd.cli.pack_cmd import pack_command, unpack_command
+from forkd.cli.push_cmd import pull_command, push_command
 from forkd.cli.sandbox_cmd import branch, sandbox
 from forkd.cli.snapshot_cmd import snapshot
 from forkd.cli.workspace_cmd import workspace
@@ -37,6 +38,8 @@ cli.add_command(sandbox)
 cli.add_command(branch)
 cli.add_command(pack_command)
 cli.add_command(unpack_command)
+cli.add_command(push_command)
+cli.add_command(pull_command)
 cli.add_command(mcp_command)
 cli.add_command(workspace)
 

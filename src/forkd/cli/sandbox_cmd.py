@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import click
 
-from forkd.cli.common import accel_option, json_option, make_engine, remote_controller
+from forkd.cli.common import URL_HELP, accel_option, json_option, make_engine, remote_controller
 from forkd.cli.output import console, error, handle_errors, print_json, table
 from forkd.errors import ForkdError, ValidationError
 from forkd.limits import BRANCH_MODES, MAX_CHILDREN
@@ -80,21 +80,24 @@ class LocalBackend:
 
 
 class RemoteBackend:
-    """A forkd-controller, through the SDK."""
+    """A forkd-controller, or several (a URL list: a MultiController, ids NODE~sb-...), through the SDK."""
 
     def __init__(self, url: str, token_file: Path | None) -> None:
-        self.ctl = remote_controller(url, token_file)
+        self.ctl = remote_controller(url, token_file, multi=True)
 
     def spawn(self, tag: str, n: int, network: str) -> list[dict[str, Any]]:
         res = self.ctl.spawn_sandboxes(tag, n, network=network, return_exceptions=True)
         out: list[dict[str, Any]] = []
         for i, r in enumerate(res):
             out.append({"index": i, "error": str(r)} if isinstance(r, Exception)
-                       else {"index": i, **r.info.__dict__})
+                       else {"index": i, **r.info.__dict__, "id": r.id, "node": r.node})
         return out
 
     def list(self) -> list[dict[str, Any]]:
-        return [{**s.info.__dict__, "snapshot": s.info.snapshot_tag} for s in self.ctl.list_sandboxes()]
+        found = self.ctl.list_sandboxes()
+        for where, e in getattr(found, "errors", {}).items():  # a MultiController: the controllers that failed
+            error(f"{where}: {e}")
+        return [{**s.info.__dict__, "id": s.id, "node": s.node, "snapshot": s.info.snapshot_tag} for s in found]
 
     def call(self, sid: str, op: str, **kw: Any) -> dict[str, Any]:
         from forkd.sdk import CodeError
@@ -131,8 +134,7 @@ def backend(ctx: click.Context) -> Backend:
 
 
 @click.group()
-@click.option("--url", envvar="FORKD_URL", default=None,
-              help="forkd-controller URL (http(s)://host:port or unix:/path); local engine when absent.")
+@click.option("--url", envvar="FORKD_URL", default=None, help=URL_HELP)
 @click.option("--token-file", envvar="FORKD_TOKEN_FILE", default=None, type=click.Path(path_type=Path),
               help="File holding the bearer token (else $FORKD_TOKEN).")
 @accel_option
@@ -241,9 +243,21 @@ def kill(ctx: click.Context, sids: tuple[str, ...], all_: bool) -> None:
         sids = tuple(r["id"] for r in b.list())
     elif not sids:
         raise click.UsageError("give sandbox ids or --all")
+    failed = 0
     for sid in sids:
-        b.kill(sid)
+        try:
+            b.kill(sid)
+        except Exception as e:
+            from forkd.sdk import ForkdAPIError  # one failure (a controller down) does not stop the others
+
+            if not isinstance(e, ForkdAPIError) or len(sids) == 1:
+                raise
+            error(f"{sid}: {e}")
+            failed += 1
+            continue
         console.print(f"killed {sid}", highlight=False)
+    if failed:
+        sys.exit(1)
 
 
 

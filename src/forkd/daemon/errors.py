@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from forkd.daemon.pull import SourceError
 from forkd.daemon.service import Busy, Conflict, NotFound
 from forkd.errors import (
     AgentError,
@@ -37,6 +38,7 @@ STATUS: tuple[tuple[tuple[type[Exception], ...], int], ...] = (
     ((ValidationError, PackError), 400),
     ((FileTooLargeError,), 413),
     ((AgentTimeoutError,), 504),
+    ((SourceError,), 502),
 )
 #: an error the guest agent answered, by its exception type (others are 400)
 AGENT_STATUS = {"FileNotFoundError": 404, "FileExistsError": 409, "ProcessLookupError": 404}

@@ -96,12 +96,18 @@ def cli() -> None:
 @click.option("--workspace-mode", envvar="FORKD_WORKSPACE_MODE", default="delta", show_default=True,
               type=click.Choice(["delta", "auto", "flat"]),
               help="BRANCH mode of a workspace suspend (delta: the state is the dirty pages only).")
+@click.option("--node-name", envvar="FORKD_NODE_NAME", default=None,
+              help="This node's name in GET /v1/capacity and in multi-controller sandbox ids (default: the "
+                   "hostname; in Kubernetes, spec.nodeName).")
+@click.option("--max-sandboxes", envvar="FORKD_MAX_SANDBOXES", default=None, type=click.IntRange(1, 100000),
+              help="Sandboxes this controller runs at most (a spawn past it is a 503; default: no limit).")
 def serve(bind: str, state_path: Path, snapshot_root: Path | None, audit_log: Path, token_file: Path | None,
           tls_cert: Path | None, tls_key: Path | None, scratch_dir: Path | None, branch_concurrency: int,
           pool_size: int, sandbox_timeout: float | None, accel: str | None, log_level: str,
           insecure_no_jail: bool, e2b_bind: str | None, e2b_key_file: Path | None, e2b_template: str | None,
           workspace_max_depth: int = 4, workspace_idle_suspend: float | None = None,
-          workspace_mode: str = "delta") -> None:
+          workspace_mode: str = "delta", node_name: str | None = None,
+          max_sandboxes: int | None = None) -> None:
     """Serve the REST API."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -111,7 +117,8 @@ def serve(bind: str, state_path: Path, snapshot_root: Path | None, audit_log: Pa
                                           sandbox_timeout, e2b_bind, e2b_key_file, e2b_template,
                                           workspace_max_depth=workspace_max_depth,
                                           workspace_idle_suspend=workspace_idle_suspend,
-                                          workspace_mode=workspace_mode)
+                                          workspace_mode=workspace_mode, node_name=node_name,
+                                          max_sandboxes=max_sandboxes)
     except ForkdError as e:
         click.echo(f"forkd-controller: error: {e}", err=True)
         sys.exit(2)
@@ -196,8 +203,10 @@ def build(bind: str, state_path: Path, snap_root: Path | None, audit_path: Path,
           e2b_bind: str | None = None, e2b_key_file: Path | None = None,
           e2b_template: str | None = None, workspace_max_depth: int = 4,
           workspace_idle_suspend: float | None = None,
-          workspace_mode: str = "delta") -> tuple[uvicorn.Config, AuditLog, uvicorn.Config | None]:
+          workspace_mode: str = "delta", node_name: str | None = None,
+          max_sandboxes: int | None = None) -> tuple[uvicorn.Config, AuditLog, uvicorn.Config | None]:
     where = parse_bind(bind)
+    node = check_node_name(node_name)
     token = load_token(token_file) if token_file else None
     warning = check_bind_auth(bind, where, token)
     if warning is not None:
@@ -222,6 +231,7 @@ def build(bind: str, state_path: Path, snap_root: Path | None, audit_path: Path,
     engine.accel  # noqa: B018 - fail at start-up, not on the first request, if the accelerator is unusable
     ctl = Controller(engine, StateFile(state_path), pool_size=pool_size, default_lifetime_s=sandbox_timeout)
     ctl.branch_concurrency = branch_concurrency
+    ctl.node_name, ctl.max_sandboxes = node, max_sandboxes
     try:
         ctl.workspaces = Workspaces(ctl, Registry(state_path.with_name("workspaces.json")),
                                     max_depth=workspace_max_depth, idle_suspend_s=workspace_idle_suspend,
@@ -271,6 +281,20 @@ def build(bind: str, state_path: Path, snap_root: Path | None, audit_path: Path,
         if e2b_config.ssl is not None:
             e2b_config.ssl.minimum_version = ssl.TLSVersion.TLSv1_2
     return config, audit, e2b_config
+
+
+def check_node_name(name: str | None) -> str:
+    """``--node-name`` checked (a hostname-like label), or this host's name."""
+    import re
+
+    from forkd.daemon.capacity import NODE_NAME_PATTERN, default_node_name
+
+    if name is None:
+        return default_node_name()
+    if not re.fullmatch(NODE_NAME_PATTERN, name):
+        raise ValidationError(f"--node-name {name!r}: letters, digits, '.', '_' and '-', 1-63 characters, "
+                              "starting with a letter or digit")
+    return name
 
 
 def check_bind_auth(bind: str, where: tuple[str, int] | str, token: bytes | None) -> str | None:

@@ -495,3 +495,49 @@ class WorkspaceInfo(BaseModel):
     suspends: int = 0
     last_suspend: dict[str, Any] | None = Field(None, description="The last suspend's branch: mode, pause_ms, "
                                                                   "total_ms, dirty_bytes, bytes_written.")
+
+
+class Capacity(BaseModel):
+    """What this node can still take (``GET /v1/capacity``): a client spreading a spawn over several
+    controllers divides it by ``free_slots``. Bytes, unix CPUs; ``free_slots`` is an estimate."""
+
+    node: str = Field(description="This controller's node name (--node-name, default the hostname).")
+    memory_total_bytes: int = Field(description="The host's MemTotal, or this daemon's cgroup limit if lower.")
+    memory_available_bytes: int = Field(description="The host's MemAvailable, or what the daemon's cgroup limit "
+                                                    "leaves if less.")
+    memory_limit_bytes: int | None = Field(None, description="The daemon's cgroup v2 memory.max (null: none).")
+    vcpus: int = Field(description="CPUs the daemon may run on.")
+    sandboxes_running: int
+    sandboxes_starting: int = Field(0, description="Children of spawns in flight.")
+    max_sandboxes: int | None = Field(None, description="--max-sandboxes (null: no limit).")
+    sandbox_cost_bytes: int = Field(description="Memory a sandbox is counted at for free_slots.")
+    memory_reserve_bytes: int = Field(description="Memory left free for the host when counting free_slots.")
+    pool_ready: dict[str, int] = Field(default_factory=dict,
+                                       description="Snapshot tag -> QEMUs waiting in its pool (--pool-size).")
+    free_slots: int = Field(description="Sandboxes that fit now: (available - reserve) / cost, at most "
+                                        "max_sandboxes - sandboxes_running - sandboxes_starting.")
+
+
+class PullRequest(Strict):
+    url: str = Field(min_length=1, max_length=4096,
+                     description="http(s) URL of a pack: another controller's /v1/snapshots/{tag}/pack, or any "
+                                 "server's .tar.zst. Redirects: at most 5, http(s) only, never https to http.")
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$",
+                               description="The pack file's sha256 (hex): checked before anything is registered.")
+    tag: str | None = Field(None, pattern=TAG_PATTERN,
+                            description="Register under this tag (a pack of one snapshot only).")
+    force: bool = Field(False, description="Replace snapshots with the same tags but other content (else 409).")
+    token: str | None = Field(None, min_length=1, max_length=4096, pattern=r"^[\x21-\x7E]+$", repr=False,
+                              description="Bearer token (visible ASCII) sent with the request to the URL's own "
+                                          "origin only (scheme, host and port; never again once a redirect left "
+                                          "it), e.g. the peer controller's. Never logged.")
+    timeout_s: float = Field(3600.0, gt=0, le=MAX_TIMEOUT_S,
+                             description="Seconds the whole download may take (connecting: at most 30).")
+
+
+class PullResponse(UnpackResponse):
+    """What a pull registered (as an unpack), and what was fetched."""
+
+    source: str = Field(description="The URL fetched last (after redirects), without its query or credentials.")
+    bytes: int = Field(description="Bytes of the pack.")
+    sha256: str = Field(description="The pack file's sha256 (hex).")

@@ -102,6 +102,9 @@ class Controller:
         self._scratch: set[Path] = set()  # scratch directories of packs and uploads in flight
         self.last_active: dict[str, float] = {}  # sandbox id -> unix time of the last request that used it
         self.workspaces: Any = None  # forkd.daemon.workspaces.Workspaces, set by the daemon
+        self.node_name = "node"  # --node-name: how GET /v1/capacity (and multi-controller sandbox ids) name it
+        self.max_sandboxes: int | None = None  # --max-sandboxes; None: no limit
+        self._reserved = 0  # children of spawns in flight (counted against max_sandboxes)
 
     # -- lifecycle
     def reconcile(self) -> dict[str, list[str]]:
@@ -376,8 +379,26 @@ class Controller:
               timeout_s: float, expose: tuple[int, ...] = (), lifetime_s: float | None = None,
               metadata: dict[str, str] | None = None) -> list[dict[str, Any]]:
         """Fork ``n`` children. ``lifetime_s``: seconds each lives (None: the daemon's default, which is
-        none unless --sandbox-timeout set one); ``metadata``: labels to find them by."""
+        none unless --sandbox-timeout set one); ``metadata``: labels to find them by. Busy (503) if they
+        would pass ``--max-sandboxes`` (counting the spawns in flight)."""
         validate_tag(tag)
+        with self._lock:
+            if self.max_sandboxes is not None:
+                running = self.active_count() + self._reserved
+                if running + n > self.max_sandboxes:
+                    raise Busy(f"n: {n} more sandboxes would pass this controller's --max-sandboxes "
+                               f"{self.max_sandboxes} ({running} running or starting); see GET /v1/capacity")
+            self._reserved += n
+        try:
+            return self._spawn_now(tag, n, network, memory_limit_mib, per_child_netns, timeout_s, expose,
+                                   lifetime_s, metadata)
+        finally:
+            with self._lock:
+                self._reserved -= n
+
+    def _spawn_now(self, tag: str, n: int, network: str, memory_limit_mib: int | None, per_child_netns: bool,
+                   timeout_s: float, expose: tuple[int, ...], lifetime_s: float | None,
+                   metadata: dict[str, str] | None) -> list[dict[str, Any]]:
         lifetime = lifetime_s if lifetime_s is not None else self.default_lifetime_s
         if self.pool_size > 0 and network in ("internet", "user"):
             self.engine.start_pool(tag, self.pool_size)
@@ -451,6 +472,15 @@ class Controller:
             return fn(child)
         except ChannelClosedError as e:
             raise Conflict(f"sandbox {sid} stopped: {e}") from e
+
+    def starting(self) -> int:
+        """Children of spawns in flight."""
+        with self._lock:
+            return self._reserved
+
+    def pool_ready(self) -> dict[str, int]:
+        """Snapshot tag -> members ready in its pool."""
+        return {tag: pool.ready_count() for tag, pool in sorted(self.engine.pools().items())}
 
     def active_count(self) -> int:
         with self._lock:

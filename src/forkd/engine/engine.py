@@ -159,6 +159,11 @@ class Engine:
         with self._lock:
             return self._pools.get(tag)
 
+    def pools(self) -> dict[str, Pool]:
+        """The pools by snapshot tag (a copy)."""
+        with self._lock:
+            return dict(self._pools)
+
     def close_pools(self) -> None:
         with self._lock:
             pools = list(self._pools.values())

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Protocol
 
 from forkd.mcp import keeper
-from forkd.sdk import Controller, ForkdAPIError
+from forkd.sdk import Controller, ForkdAPIError, MultiController, connect
 from forkd.sdk._base import redact
 
 log = logging.getLogger("forkd.mcp")
@@ -32,6 +32,8 @@ REQUEST_TIMEOUT_S = 600.0
 START_TIMEOUT_S = 120.0
 """Seconds the private daemon gets to answer /healthz."""
 MAX_SOCKET_PATH = 107
+REFRESH_S = 30.0
+"""Seconds after which a dns+ list of controllers is resolved again (see RemoteBackend.controller)."""
 
 
 class BackendError(Exception):
@@ -44,7 +46,7 @@ class Backend(Protocol):
     url: str
     """Where the daemon is (never with the token)."""
 
-    def controller(self) -> Controller: ...
+    def controller(self) -> Controller | MultiController: ...
 
     def redact(self, text: str) -> str: ...
 
@@ -52,16 +54,30 @@ class Backend(Protocol):
 
 
 class RemoteBackend:
-    """A daemon that runs anyway: nothing is started or stopped; sandboxes outlive this server."""
+    """A daemon that runs anyway: nothing is started or stopped; sandboxes outlive this server. A URL
+    list (commas, or a dns+http:// name) is several daemons as one (a MultiController: spawns spread by
+    free capacity, ids NODE~sb-...)."""
 
     mode = "daemon"
 
     def __init__(self, url: str, token: str | None) -> None:
         self._token = token
-        self._ctl = Controller(url, token, timeout=REQUEST_TIMEOUT_S)
-        self.url = self._ctl.url
+        self._ctl = connect(url, token, timeout=REQUEST_TIMEOUT_S)
+        self.url = self._ctl.url if isinstance(self._ctl, Controller) else ",".join(self._ctl.urls)
+        self._resolved = time.monotonic()
+        self._lock = threading.Lock()
 
-    def controller(self) -> Controller:
+    def controller(self) -> Controller | MultiController:
+        """The client; a dns+ name is resolved again when the last resolution is older than REFRESH_S
+        (controllers that appeared are used, those gone dropped; a failed lookup keeps the old list)."""
+        if isinstance(self._ctl, MultiController) and time.monotonic() - self._resolved > REFRESH_S:
+            with self._lock:
+                if time.monotonic() - self._resolved > REFRESH_S:
+                    self._resolved = time.monotonic()
+                    try:
+                        self._ctl.refresh()
+                    except ValueError as e:
+                        log.warning("forkd mcp: resolving the controllers again failed: %s", e)
         return self._ctl
 
     def redact(self, text: str) -> str:

@@ -6,15 +6,13 @@ from collections.abc import Mapping, Sequence
 
 from forkd.mcp.models import CodeErrorInfo, CodeOutcome, CommandOutcome, EvalOutcome
 from forkd.mcp.output import cap_text, notes
-from forkd.sdk import CodeError, Controller, Sandbox, SandboxInfo
-from forkd.sdk._base import segment
+from forkd.sdk import CodeError, Controller, MultiController, Sandbox
 
 
-def sandbox(ctl: Controller, sandbox_id: str) -> Sandbox:
-    """A handle on ``sandbox_id`` without a round trip: a wrong id fails at its first call with the
-    daemon's 404 message."""
-    segment(sandbox_id, "sandbox_id")
-    return Sandbox(ctl, SandboxInfo(id=sandbox_id, snapshot_tag=""))
+def sandbox(ctl: Controller | MultiController, sandbox_id: str) -> Sandbox:
+    """A handle on ``sandbox_id`` without a round trip to it: a wrong id fails at its first call with the
+    daemon's 404 message (several daemons: ``NODE~sb-...`` goes to that node's, a plain id is looked for)."""
+    return ctl.sandbox(sandbox_id)
 
 
 def code_error(e: CodeError) -> CodeErrorInfo:

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from forkd.mcp.calls import run_code, run_command, sandbox
 from forkd.mcp.models import MAX_VARIANTS, ExploreOutcome, Variant, VariantResult
-from forkd.sdk import Controller, ForkdAPIError, Sandbox, SpawnError
+from forkd.sdk import Controller, ForkdAPIError, MultiController, Sandbox, SpawnError
 
 log = logging.getLogger("forkd.mcp")
 
@@ -66,8 +66,8 @@ def kill_all(children: Sequence[Sandbox]) -> None:
                 log.warning("explore: could not kill %s: %s", child.id, e)
 
 
-def explore(ctl: Controller, sandbox_id: str, variants: Sequence[Variant], keep: int | None, timeout_s: float,
-            max_output_chars: int, lifetime_s: float | None = None) -> ExploreOutcome:
+def explore(ctl: Controller | MultiController, sandbox_id: str, variants: Sequence[Variant], keep: int | None,
+            timeout_s: float, max_output_chars: int, lifetime_s: float | None = None) -> ExploreOutcome:
     check(variants, keep)
     tag = sandbox(ctl, sandbox_id).branch().tag
     children: list[Sandbox | SpawnError[Sandbox]] = []
@@ -95,7 +95,7 @@ def explore(ctl: Controller, sandbox_id: str, variants: Sequence[Variant], keep:
     return ExploreOutcome(branch_tag=tag, branch_deleted=deleted, kept=kept, results=results)
 
 
-def _delete_branch(ctl: Controller, tag: str) -> bool:
+def _delete_branch(ctl: Controller | MultiController, tag: str) -> bool:
     try:
         ctl.delete_snapshot(tag)
     except ForkdAPIError as e:

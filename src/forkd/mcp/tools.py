@@ -54,12 +54,13 @@ from forkd.mcp.output import (
     decode_upload,
     file_content,
 )
-from forkd.sdk import Controller, SandboxInfo, SnapshotInfo, SpawnError
+from forkd.sdk import Controller, MultiController, SandboxInfo, SnapshotInfo, SpawnError
 
 DEFAULT_LIFETIME_S = 3600.0
 """Seconds a sandbox spawned through MCP lives unless the call says otherwise (``--sandbox-lifetime``)."""
 
-SandboxId = Annotated[str, Field(min_length=1, max_length=64, description="A sandbox id (sb-...), from spawn.")]
+SandboxId = Annotated[str, Field(min_length=1, max_length=160,
+                                 description="A sandbox id from spawn (sb-..., or NODE~sb-... with several daemons).")]
 Tag = Annotated[str, Field(pattern=TAG_PATTERN, description="A snapshot tag: letters, digits, '_' and '-'.")]
 GuestPath = Annotated[str, Field(min_length=1, max_length=MAX_PATH, description="An absolute path in the guest.")]
 Labels = Annotated[dict[str, str] | None, Field(max_length=MAX_METADATA,
@@ -77,8 +78,8 @@ def snapshot_summary(s: SnapshotInfo) -> SnapshotSummary:
                            sandboxes=s.sandboxes, memory_mib=s.memory_mib, image_id=s.image_id, created_at=s.created_at)
 
 
-def sandbox_summary(s: SandboxInfo) -> SandboxSummary:
-    return SandboxSummary(id=s.id, snapshot_tag=s.snapshot_tag, status=s.status, metadata=s.metadata,
+def sandbox_summary(s: SandboxInfo, sandbox_id: str | None = None) -> SandboxSummary:
+    return SandboxSummary(id=sandbox_id or s.id, snapshot_tag=s.snapshot_tag, status=s.status, metadata=s.metadata,
                           created_at=s.created_at, expires_at=s.expires_at)
 
 
@@ -89,7 +90,7 @@ class Tools:
         self.backend = backend
         self.default_lifetime_s = default_lifetime_s
 
-    def _ctl(self) -> Controller:
+    def _ctl(self) -> Controller | MultiController:
         return self.backend.controller()
 
     def _lifetime(self, lifetime_s: float | None) -> float | None:
@@ -166,7 +167,7 @@ class Tools:
     ) -> list[SandboxSummary]:
         """List the daemon's sandboxes (status running or exited), optionally those with all `metadata`
         labels."""
-        return [sandbox_summary(s.info) for s in self._ctl().list_sandboxes(metadata=metadata)]
+        return [sandbox_summary(s.info, s.id) for s in self._ctl().list_sandboxes(metadata=metadata)]
 
     def kill(self, sandbox_ids: Annotated[list[SandboxId], Field(min_length=1, max_length=MAX_CHILDREN)],
              ) -> KillOutcome:

@@ -1,10 +1,13 @@
 """The forkd Python SDK: a client of ``forkd-controller``'s REST API.
 
 :class:`Controller` / :class:`Sandbox` are synchronous; :class:`AsyncController` / :class:`AsyncSandbox`
-mirror them for asyncio. Errors are :class:`ForkdAPIError` subclasses (see :mod:`forkd.sdk.errors`).
+mirror them for asyncio. :class:`MultiController` (:class:`AsyncMultiController`) is several controllers as
+one (``multi.py``); :func:`connect` (:func:`aconnect`) picks one or the other from the URL.
+Errors are :class:`ForkdAPIError` subclasses (see :mod:`forkd.sdk.errors`).
 The same names are exported from the top-level ``forkd`` package.
 """
 
+from forkd.sdk._multi import SandboxList, SpawnPlan
 from forkd.sdk.aio import (
     AsyncCommandHandle,
     AsyncCommands,
@@ -13,6 +16,7 @@ from forkd.sdk.aio import (
     AsyncSandbox,
     AsyncWorkspace,
 )
+from forkd.sdk.amulti import AsyncMultiController, aconnect
 from forkd.sdk.errors import (
     APIConnectionError,
     APIStatusError,
@@ -33,6 +37,7 @@ from forkd.sdk.errors import (
 )
 from forkd.sdk.models import (
     BranchResult,
+    CapacityInfo,
     CommandResult,
     EvalResult,
     Execution,
@@ -42,12 +47,14 @@ from forkd.sdk.models import (
     PendingSnapshot,
     PingResult,
     ProcessInfo,
+    PullResult,
     SandboxInfo,
     SnapshotInfo,
     UnpackResult,
     VersionInfo,
     WorkspaceInfo,
 )
+from forkd.sdk.multi import MultiController, connect
 from forkd.sdk.sync import CommandHandle, Commands, Controller, Files, Sandbox, Workspace
 
 __all__ = [
@@ -58,12 +65,14 @@ __all__ = [
     "AsyncCommands",
     "AsyncController",
     "AsyncFiles",
+    "AsyncMultiController",
     "AsyncSandbox",
     "AsyncWorkspace",
     "AuthenticationError",
     "BadRequestError",
     "CodeError",
     "BranchResult",
+    "CapacityInfo",
     "CommandResult",
     "CommandHandle",
     "Commands",
@@ -76,6 +85,7 @@ __all__ = [
     "ForkdAPIError",
     "GatewayTimeoutError",
     "InternalServerError",
+    "MultiController",
     "NotFoundError",
     "PayloadTooLargeError",
     "PermissionDeniedError",
@@ -84,14 +94,19 @@ __all__ = [
     "PendingSnapshot",
     "PingResult",
     "ProcessInfo",
+    "PullResult",
     "Sandbox",
+    "SandboxList",
     "SandboxInfo",
     "ServiceUnavailableError",
     "SnapshotInfo",
     "SpawnError",
+    "SpawnPlan",
     "UnpackResult",
     "UnprocessableEntityError",
     "VersionInfo",
     "Workspace",
     "WorkspaceInfo",
+    "aconnect",
+    "connect",
 ]

@@ -22,6 +22,7 @@ import httpx
 
 from forkd.limits import (
     BRANCH_MODES,
+    ID_PATTERN,
     MAX_CHILDREN,
     MAX_EXPOSE,
     MAX_LIFETIME_S,
@@ -42,6 +43,7 @@ from forkd.sdk.errors import (
 )
 from forkd.sdk.models import (
     BranchResult,
+    CapacityInfo,
     CommandResult,
     EvalResult,
     Execution,
@@ -52,6 +54,7 @@ from forkd.sdk.models import (
     PendingSnapshot,
     PingResult,
     ProcessInfo,
+    PullResult,
     SandboxInfo,
     SnapshotInfo,
     SpawnEntry,
@@ -241,6 +244,8 @@ def segment(value: object, name: str) -> str:
     """``value`` as one URL path segment (percent-encoded); ValueError if it is not a non-empty string."""
     if not isinstance(value, str) or not value:
         raise ValueError(f"{name}: must be a non-empty string, got {value!r}")
+    if value in (".", ".."):  # a dot segment: the URL would be normalised to another path
+        raise ValueError(f"{name}: {value!r} is not a valid value")
     return quote(value, safe="")
 
 
@@ -786,6 +791,74 @@ def op_remove(sandbox_id: str, path: str, recursive: bool) -> Call[None]:
                 params={"path": guest_path(path), "recursive": bool(recursive)})
 
 
+# ---------------------------------------------------------------- nodes: capacity, pull
+
+QUALIFIER = "~"
+"""Separates the node from the sandbox id in a qualified id (``NODE~sb-...``): URL-safe, and never in a
+plain sandbox id (``^[A-Za-z0-9_-]{1,64}$``) or a node name."""
+
+
+def qualify(node: str | None, sandbox_id: str) -> str:
+    """``NODE~ID`` (``ID`` when there is no node)."""
+    return sandbox_id if node is None else f"{node}{QUALIFIER}{sandbox_id}"
+
+
+NODE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+"""A node name as the daemon checks it (``--node-name``)."""
+
+
+def split_id(value: object) -> tuple[str | None, str]:
+    """A qualified id -> (node, sandbox id); a plain id -> (None, id). ValueError names what is wrong:
+    a qualified id's node must be a node name and its id a sandbox id (``ID_PATTERN``), so neither part
+    can carry a ``/``, ``..`` or an escape into a URL."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"sandbox_id: must be a non-empty string, got {value!r}")
+    node, sep, sid = value.rpartition(QUALIFIER)
+    if not sep:
+        return None, value
+    if not node or not sid:
+        raise ValueError(f"sandbox_id {value!r}: a qualified id is NODE~ID, with both parts")
+    if not re.fullmatch(NODE_PATTERN, node) or not re.fullmatch(ID_PATTERN, sid):
+        raise ValueError(f"sandbox_id {value[:200]!r}: a qualified id is NODE~ID, NODE a node name (letters, "
+                         "digits, '.', '_', '-') and ID a sandbox id (letters, digits, '_', '-')")
+    return node, sid
+
+
+PROBE_TIMEOUT_S = 15.0
+"""Seconds a multi-controller client waits for one controller's ``GET /v1/capacity`` at most (a
+controller that hangs is then counted as down instead of holding up the spawn on the others)."""
+
+
+def op_capacity(timeout: float | None | _UseDefault = DEFAULT) -> Call[CapacityInfo]:
+    return Call("GET", "/v1/capacity", model(CapacityInfo), timeout=timeout)
+
+
+def probe_timeout(default: httpx.Timeout) -> float:
+    """The timeout of a capacity probe: the client's own if shorter, else PROBE_TIMEOUT_S."""
+    return PROBE_TIMEOUT_S if default.read is None else min(default.read, PROBE_TIMEOUT_S)
+
+
+def op_pull(url: str, sha256: str | None, tag: str | None, force: bool, token: str | None,
+            timeout: float) -> Call[PullResult]:
+    check_str(url, "url", empty=False)
+    t = seconds(timeout, "timeout", 3600.0)
+    body: dict[str, Any] = {"url": url, "force": bool(force), "timeout_s": t}
+    if sha256 is not None:
+        if not isinstance(sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", sha256):
+            raise ValueError(f"sha256: 64 lowercase hex digits, got {sha256!r}")
+        body["sha256"] = sha256
+    if tag is not None:
+        body["tag"] = check_str(tag, "tag", empty=False)
+    if token is not None:
+        body["token"] = check_str(token, "token", empty=False)
+    return Call("POST", "/v1/snapshots/pull", model(PullResult), json=body, timeout=t + MARGIN)
+
+
+def pack_url(base_url: str, tag: str) -> str:
+    """The URL of snapshot ``tag``'s pack on the controller at ``base_url`` (what a peer pulls)."""
+    return f"{base_url}/v1/snapshots/{segment(tag, 'tag')}/pack"
+
+
 # ---------------------------------------------------------------- workspaces
 
 
@@ -842,6 +915,13 @@ class BaseController:
     def __init__(self, url: str | None, token: str | None, timeout: float | None, verify: Verify) -> None:
         self._endpoint = resolve(url, token, verify)
         self._timeout = timeout_config(timeout)
+        self._node: str | None = None
+        """Set by a multi-controller client: the node name its sandboxes' ids are qualified with."""
+
+    @property
+    def node(self) -> str | None:
+        """The node name this controller's sandbox ids carry (set by a multi-controller client), or None."""
+        return self._node
 
     @property
     def url(self) -> str:
@@ -850,6 +930,13 @@ class BaseController:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(url={self._endpoint.url!r})"
+
+    def _pack_source(self, tag: str) -> tuple[str, str | None]:
+        """(the URL a peer controller pulls snapshot ``tag``'s pack from, the token it sends there)."""
+        if self._endpoint.uds is not None:
+            raise ValueError(f"push: {self._endpoint.url} is a Unix socket, which another controller cannot "
+                             "reach; use its http(s) address")
+        return pack_url(self._endpoint.base_url, tag), self._endpoint.token
 
     def _timeout_of(self, call: Call[Any]) -> httpx.Timeout:
         if isinstance(call.timeout, _UseDefault):
@@ -873,13 +960,25 @@ class BaseController:
 class BaseSandbox:
     """What the sync and async sandbox objects share: identity and the last known info."""
 
-    def __init__(self, info: SandboxInfo) -> None:
+    def __init__(self, info: SandboxInfo, node: str | None = None) -> None:
         self._info = info
+        self._node = node
 
     @property
     def id(self) -> str:
-        """The sandbox id (``sb-...``)."""
+        """The sandbox id: ``sb-...``, or ``NODE~sb-...`` when it came through a multi-controller client
+        (the node that holds it; give it back to that client)."""
+        return qualify(self._node, self._info.id)
+
+    @property
+    def local_id(self) -> str:
+        """The id on its own controller (``sb-...``), what the REST API takes."""
         return self._info.id
+
+    @property
+    def node(self) -> str | None:
+        """The node (controller) holding it, when it came through a multi-controller client."""
+        return self._node
 
     @property
     def snapshot_tag(self) -> str:

@@ -57,6 +57,9 @@ def parse_url(url: str) -> tuple[str, str | None]:
     if not isinstance(url, str) or not url.strip():
         raise ValueError("url: must be a non-empty string such as http://127.0.0.1:8889 or unix:/run/forkd.sock")
     url = url.strip()
+    if "," in url:
+        raise ValueError(f"url {url!r}: a comma-separated list of controllers needs forkd.MultiController "
+                         "(or forkd.connect(), which picks it)")
     if url.startswith("unix:"):
         path = url[len("unix:"):]
         if path.startswith("//"):

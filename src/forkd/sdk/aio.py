@@ -35,6 +35,7 @@ from forkd.sdk._config import Verify, async_client
 from forkd.sdk.errors import ForkdAPIError, NotFoundError, SpawnError
 from forkd.sdk.models import (
     BranchResult,
+    CapacityInfo,
     CommandResult,
     EvalResult,
     Execution,
@@ -44,6 +45,7 @@ from forkd.sdk.models import (
     PendingSnapshot,
     PingResult,
     ProcessInfo,
+    PullResult,
     SandboxInfo,
     SnapshotInfo,
     UnpackResult,
@@ -249,6 +251,32 @@ class AsyncController(b.BaseController):
         """The sandbox with that id; NotFoundError if there is none."""
         return AsyncSandbox(self, await self._request(b.op_get_sandbox(sandbox_id)))
 
+    async def capacity(self) -> CapacityInfo:
+        """What the controller's node can still take: memory (bytes), vCPUs, sandboxes running and their
+        limit, the pools, and ``free_slots`` (what a multi-controller spawn gives it at most)."""
+        return await self._request(b.op_capacity())
+
+    async def pull_snapshot(self, url: str, *, sha256: str | None = None, tag: str | None = None,
+                            force: bool = False, token: str | None = None, timeout: float = 3600.0) -> PullResult:
+        """Make the controller fetch a pack from ``url`` (another controller's pack URL, or any http(s)
+        URL) and register it, verified first, as :meth:`unpack_snapshot` does. ``sha256`` (hex) is checked
+        before anything is registered; ``token`` is sent to the URL's own origin only; ``timeout`` is the
+        seconds the download may take. A source that fails is an InternalServerError (502)."""
+        return await self._request(b.op_pull(url, sha256, tag, force, token, timeout))
+
+    async def push_snapshot(self, tag: str, to: AsyncController | Sequence[AsyncController], *,
+                            force: bool = False, timeout: float = 3600.0) -> list[PullResult]:
+        """Copy snapshot ``tag`` (with its chain) to the controller(s) ``to``: each pulls it from this
+        one's pack URL with this client's token, one after the other (this controller packs it each time)."""
+        url, token = self._pack_source(tag)
+        targets = [to] if isinstance(to, AsyncController) else list(to)
+        return [await t.pull_snapshot(url, force=force, token=token, timeout=timeout) for t in targets]
+
+    async def sandbox(self, sandbox_id: str) -> AsyncSandbox:
+        """A handle on sandbox ``sandbox_id`` without a round trip (a wrong id fails at its first call)."""
+        b.segment(sandbox_id, "sandbox_id")
+        return AsyncSandbox(self, SandboxInfo(id=sandbox_id, snapshot_tag=""))
+
     # -- workspaces
     async def create_workspace(self, name: str, snapshot_tag: str, *, network: str = "internet",
                          memory_limit_mib: int | None = None, lifetime: float | None = None,
@@ -273,7 +301,7 @@ class AsyncSandbox(b.BaseSandbox):
     """One sandbox (see :class:`forkd.Sandbox`). ``async with`` kills it on exit."""
 
     def __init__(self, controller: AsyncController, info: SandboxInfo) -> None:
-        super().__init__(info)
+        super().__init__(info, controller.node)
         self._controller = controller
         self.commands = AsyncCommands(self)
         """Processes in the guest."""
@@ -300,34 +328,34 @@ class AsyncSandbox(b.BaseSandbox):
 
     async def refresh(self) -> SandboxInfo:
         """Fetch the sandbox's info again (``.info``), e.g. to see whether it is still running."""
-        self._info = await self._request(b.op_get_sandbox(self.id))
+        self._info = await self._request(b.op_get_sandbox(self.local_id))
         return self._info
 
     async def set_timeout(self, lifetime: float) -> SandboxInfo:
         """Kill this sandbox ``lifetime`` seconds from now (instead of when it was due); the new
         ``info.expires_at`` is returned."""
-        self._info = await self._request(b.op_set_timeout(self.id, lifetime))
+        self._info = await self._request(b.op_set_timeout(self.local_id, lifetime))
         return self._info
 
     async def kill(self) -> None:
         """Kill the VM and remove its files. Idempotent: killing a sandbox that is gone is not an error."""
         with contextlib.suppress(NotFoundError):
-            await self._request(b.op_kill(self.id))
+            await self._request(b.op_kill(self.local_id))
 
     async def branch(self, tag: str | None = None, *, mode: str = "auto", wait: bool = True) -> BranchResult:
         """Snapshot this running sandbox as ``tag`` (generated when None); it keeps running. ``mode`` is
         delta, flat or auto; with ``wait=False`` the call returns at once (status ``writing``)."""
-        return await self._request(b.op_branch(self.id, tag, mode, wait))
+        return await self._request(b.op_branch(self.local_id, tag, mode, wait))
 
     async def interrupt(self) -> InterruptResult:
         """Interrupt the running ``eval``/``run_code`` calls (KeyboardInterrupt in the guest); the daemon
         waits up to 2 seconds for them to stop. Code blocked in C is counted as ``stuck``: it keeps
         running, and the sandbox still answers new calls."""
-        return await self._request(b.op_interrupt(self.id))
+        return await self._request(b.op_interrupt(self.local_id))
 
     async def ping(self) -> PingResult:
         """Ask the guest agent for its versions and uptime."""
-        return await self._request(b.op_ping(self.id))
+        return await self._request(b.op_ping(self.local_id))
 
     async def eval(self, expr: str, *, timeout: float = 60.0) -> Any:
         """Evaluate a Python expression: its JSON value if serializable, else its ``repr`` (see
@@ -337,7 +365,7 @@ class AsyncSandbox(b.BaseSandbox):
 
     async def eval_result(self, expr: str, *, timeout: float = 60.0) -> EvalResult:
         """Like :meth:`eval`, but the whole result: ``value``, ``repr`` and ``type``."""
-        return await self._request(b.op_eval(self.id, expr, timeout))
+        return await self._request(b.op_eval(self.local_id, expr, timeout))
 
     async def run_code(self, code: str, *, timeout: float = 60.0, on_stdout: Callable[[str], object] | None = None,
                    on_stderr: Callable[[str], object] | None = None) -> Execution:
@@ -349,9 +377,9 @@ class AsyncSandbox(b.BaseSandbox):
         the result still has all of it.
         """
         if on_stdout is None and on_stderr is None:
-            return await self._request(b.op_run_code(self.id, code, timeout))
+            return await self._request(b.op_run_code(self.local_id, code, timeout))
         out = b.CodeCollector(on_stdout, on_stderr)
-        async for event in self._controller._events(b.op_run_code_stream(self.id, code, timeout)):
+        async for event in self._controller._events(b.op_run_code_stream(self.local_id, code, timeout)):
             out.feed(event)
         return out.finish()
 
@@ -383,19 +411,19 @@ class AsyncCommands:
         ``timeout`` is in seconds (``None``: no limit); ``max_output`` the bytes kept per stream."""
         sb = self._sandbox
         if background:
-            info = await sb._request(b.op_start_process(sb.id, cmd, env, cwd, stdin, timeout, stdin_open=True))
+            info = await sb._request(b.op_start_process(sb.local_id, cmd, env, cwd, stdin, timeout, stdin_open=True))
             return AsyncCommandHandle(sb, info.pid, on_stdout, on_stderr, max_output)
         if on_stdout is None and on_stderr is None:
-            return await sb._request(b.op_exec(sb.id, cmd, env, cwd, stdin, timeout, max_output))
+            return await sb._request(b.op_exec(sb.local_id, cmd, env, cwd, stdin, timeout, max_output))
         out = b.OutputCollector(on_stdout, on_stderr, max_output)
-        async for event in sb._controller._events(b.op_exec_stream(sb.id, cmd, env, cwd, stdin, timeout)):
+        async for event in sb._controller._events(b.op_exec_stream(sb.local_id, cmd, env, cwd, stdin, timeout)):
             out.feed(event)
         return out.finish()
 
     async def list(self) -> builtins.list[ProcessInfo]:
         """Background processes running, or ended with output not yet read."""
         sb = self._sandbox
-        return await sb._request(b.op_list_processes(sb.id))
+        return await sb._request(b.op_list_processes(sb.local_id))
 
     async def connect(self, pid: int, *, on_stdout: Callable[[str], object] | None = None,
                       on_stderr: Callable[[str], object] | None = None) -> AsyncCommandHandle:
@@ -418,19 +446,19 @@ class AsyncCommandHandle:
         """Wait until the process ends: its exit code and the output not read before."""
         sb = self._sandbox
         if self._out.result is None:
-            async for event in sb._controller._events(b.op_process_stream(sb.id, self.pid)):
+            async for event in sb._controller._events(b.op_process_stream(sb.local_id, self.pid)):
                 self._out.feed(event)
         return self._out.finish()
 
     async def send_stdin(self, data: str | bytes, *, eof: bool = False) -> int:
         """Write to the process's stdin (``eof=True`` closes it after); the bytes written."""
         sb = self._sandbox
-        return await sb._request(b.op_process_stdin(sb.id, self.pid, data, eof))
+        return await sb._request(b.op_process_stdin(sb.local_id, self.pid, data, eof))
 
     async def kill(self, signal: str = "KILL") -> bool:
         """Signal the process's group (KILL, TERM, INT, HUP); False if it had already ended."""
         sb = self._sandbox
-        return await sb._request(b.op_process_kill(sb.id, self.pid, signal))
+        return await sb._request(b.op_process_kill(sb.local_id, self.pid, signal))
 
 
 class AsyncFiles:
@@ -443,7 +471,7 @@ class AsyncFiles:
         """The file's bytes; NotFoundError if it does not exist, PayloadTooLargeError if it is larger
         than the controller serves (256 MiB)."""
         sb = self._sandbox
-        return await sb._request(b.op_read_file(sb.id, path))
+        return await sb._request(b.op_read_file(sb.local_id, path))
 
     async def read_text(self, path: str, encoding: str = "utf-8") -> str:
         """The file decoded as ``encoding``."""
@@ -454,36 +482,36 @@ class AsyncFiles:
         directories are created. ``mode`` is the permission bits. Returns the bytes written.
         The controller accepts at most 256 MiB (PayloadTooLargeError)."""
         sb = self._sandbox
-        return await sb._request(b.op_write_file(sb.id, path, data, mode))
+        return await sb._request(b.op_write_file(sb.local_id, path, data, mode))
 
     async def list(self, path: str) -> builtins.list[FileEntry]:
         """The entries of a directory, sorted by name."""
         sb = self._sandbox
-        return await sb._request(b.op_list_files(sb.id, path))
+        return await sb._request(b.op_list_files(sb.local_id, path))
 
     async def stat(self, path: str) -> FileEntry:
         """One file's type, size, mode and mtime; NotFoundError if it does not exist."""
         sb = self._sandbox
-        return await sb._request(b.op_stat(sb.id, path))
+        return await sb._request(b.op_stat(sb.local_id, path))
 
     async def make_dir(self, path: str) -> None:
         """Create a directory and its missing parents (no error if it exists)."""
         sb = self._sandbox
-        await sb._request(b.op_mkdir(sb.id, path))
+        await sb._request(b.op_mkdir(sb.local_id, path))
 
     async def remove(self, path: str, *, recursive: bool = False) -> None:
         """Remove a file, or a directory (which must be empty unless ``recursive``)."""
         sb = self._sandbox
-        await sb._request(b.op_remove(sb.id, path, recursive))
+        await sb._request(b.op_remove(sb.local_id, path, recursive))
 
     async def exists(self, path: str) -> bool:
         """Whether ``path`` exists. NotFoundError still means the *sandbox* is gone."""
         sb = self._sandbox
         try:
-            await sb._request(b.op_stat(sb.id, path))
+            await sb._request(b.op_stat(sb.local_id, path))
         except NotFoundError:
             # 404 is both "no such file" and "no such sandbox": tell them apart.
-            await sb._request(b.op_get_sandbox(sb.id))
+            await sb._request(b.op_get_sandbox(sb.local_id))
             return False
         return True
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self
 
 __all__ = [
+    "CapacityInfo",
     "CommandResult",
     "EvalResult",
     "Execution",
@@ -23,6 +24,7 @@ __all__ = [
     "PendingSnapshot",
     "PingResult",
     "ProcessInfo",
+    "PullResult",
     "SandboxInfo",
     "SnapshotInfo",
     "SpawnEntry",
@@ -180,6 +182,36 @@ class UnpackResult(Model):
     replaced: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class PullResult(UnpackResult):
+    """What ``pull_snapshot`` fetched and registered: as an unpack, plus the URL fetched (after redirects,
+    without its query), the pack's size in bytes and its sha256."""
+
+    source: str = ""
+    bytes: int = 0
+    sha256: str = ""
+
+
+@dataclass(frozen=True)
+class CapacityInfo(Model):
+    """``GET /v1/capacity``: what a controller's node can still take (bytes; ``free_slots`` sandboxes)."""
+
+    node: str
+    free_slots: int
+    """Sandboxes that fit now: what a multi-controller spawn gives this node at most."""
+    memory_total_bytes: int = 0
+    memory_available_bytes: int = 0
+    memory_limit_bytes: int | None = None
+    vcpus: int = 0
+    sandboxes_running: int = 0
+    sandboxes_starting: int = 0
+    max_sandboxes: int | None = None
+    sandbox_cost_bytes: int = 0
+    memory_reserve_bytes: int = 0
+    pool_ready: dict[str, int] = field(default_factory=dict)
+    """Snapshot tag -> QEMUs waiting in its pool."""
 
 
 @dataclass(frozen=True)

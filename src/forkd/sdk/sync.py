@@ -27,6 +27,7 @@ from forkd.sdk._config import Verify, sync_client
 from forkd.sdk.errors import ForkdAPIError, NotFoundError, SpawnError
 from forkd.sdk.models import (
     BranchResult,
+    CapacityInfo,
     CommandResult,
     EvalResult,
     Execution,
@@ -36,6 +37,7 @@ from forkd.sdk.models import (
     PendingSnapshot,
     PingResult,
     ProcessInfo,
+    PullResult,
     SandboxInfo,
     SnapshotInfo,
     UnpackResult,
@@ -238,6 +240,32 @@ class Controller(b.BaseController):
         """The sandbox with that id; NotFoundError if there is none."""
         return Sandbox(self, self._request(b.op_get_sandbox(sandbox_id)))
 
+    def capacity(self) -> CapacityInfo:
+        """What the controller's node can still take: memory (bytes), vCPUs, sandboxes running and their
+        limit, the pools, and ``free_slots`` (what a multi-controller spawn gives it at most)."""
+        return self._request(b.op_capacity())
+
+    def pull_snapshot(self, url: str, *, sha256: str | None = None, tag: str | None = None, force: bool = False,
+                      token: str | None = None, timeout: float = 3600.0) -> PullResult:
+        """Make the controller fetch a pack from ``url`` (another controller's pack URL, or any http(s)
+        URL) and register it, verified first, as :meth:`unpack_snapshot` does. ``sha256`` (hex) is checked
+        before anything is registered; ``token`` is sent to the URL's own origin only; ``timeout`` is the
+        seconds the download may take. A source that fails is an InternalServerError (502)."""
+        return self._request(b.op_pull(url, sha256, tag, force, token, timeout))
+
+    def push_snapshot(self, tag: str, to: Controller | Sequence[Controller], *, force: bool = False,
+                      timeout: float = 3600.0) -> list[PullResult]:
+        """Copy snapshot ``tag`` (with its chain) to the controller(s) ``to``: each pulls it from this
+        one's pack URL with this client's token, one after the other (this controller packs it each time)."""
+        url, token = self._pack_source(tag)
+        targets = [to] if isinstance(to, Controller) else list(to)
+        return [t.pull_snapshot(url, force=force, token=token, timeout=timeout) for t in targets]
+
+    def sandbox(self, sandbox_id: str) -> Sandbox:
+        """A handle on sandbox ``sandbox_id`` without a round trip (a wrong id fails at its first call)."""
+        b.segment(sandbox_id, "sandbox_id")
+        return Sandbox(self, SandboxInfo(id=sandbox_id, snapshot_tag=""))
+
     # -- workspaces
     def create_workspace(self, name: str, snapshot_tag: str, *, network: str = "internet",
                          memory_limit_mib: int | None = None, lifetime: float | None = None,
@@ -266,7 +294,7 @@ class Sandbox(b.BaseSandbox):
     """
 
     def __init__(self, controller: Controller, info: SandboxInfo) -> None:
-        super().__init__(info)
+        super().__init__(info, controller.node)
         self._controller = controller
         self.commands = Commands(self)
         """Processes in the guest."""
@@ -293,34 +321,34 @@ class Sandbox(b.BaseSandbox):
 
     def refresh(self) -> SandboxInfo:
         """Fetch the sandbox's info again (``.info``), e.g. to see whether it is still running."""
-        self._info = self._request(b.op_get_sandbox(self.id))
+        self._info = self._request(b.op_get_sandbox(self.local_id))
         return self._info
 
     def set_timeout(self, lifetime: float) -> SandboxInfo:
         """Kill this sandbox ``lifetime`` seconds from now (instead of when it was due); the new
         ``info.expires_at`` is returned."""
-        self._info = self._request(b.op_set_timeout(self.id, lifetime))
+        self._info = self._request(b.op_set_timeout(self.local_id, lifetime))
         return self._info
 
     def kill(self) -> None:
         """Kill the VM and remove its files. Idempotent: killing a sandbox that is gone is not an error."""
         with contextlib.suppress(NotFoundError):
-            self._request(b.op_kill(self.id))
+            self._request(b.op_kill(self.local_id))
 
     def branch(self, tag: str | None = None, *, mode: str = "auto", wait: bool = True) -> BranchResult:
         """Snapshot this running sandbox as ``tag`` (generated when None); it keeps running. ``mode`` is
         delta, flat or auto; with ``wait=False`` the call returns at once (status ``writing``)."""
-        return self._request(b.op_branch(self.id, tag, mode, wait))
+        return self._request(b.op_branch(self.local_id, tag, mode, wait))
 
     def interrupt(self) -> InterruptResult:
         """Interrupt the running ``eval``/``run_code`` calls (KeyboardInterrupt in the guest); the daemon
         waits up to 2 seconds for them to stop. Code blocked in C is counted as ``stuck``: it keeps
         running, and the sandbox still answers new calls."""
-        return self._request(b.op_interrupt(self.id))
+        return self._request(b.op_interrupt(self.local_id))
 
     def ping(self) -> PingResult:
         """Ask the guest agent for its versions and uptime."""
-        return self._request(b.op_ping(self.id))
+        return self._request(b.op_ping(self.local_id))
 
     def eval(self, expr: str, *, timeout: float = 60.0) -> Any:
         """Evaluate a Python expression in the sandbox's interpreter (state shared with ``run_code``).
@@ -335,7 +363,7 @@ class Sandbox(b.BaseSandbox):
 
     def eval_result(self, expr: str, *, timeout: float = 60.0) -> EvalResult:
         """Like :meth:`eval`, but the whole result: ``value``, ``repr`` and ``type``."""
-        return self._request(b.op_eval(self.id, expr, timeout))
+        return self._request(b.op_eval(self.local_id, expr, timeout))
 
     def run_code(self, code: str, *, timeout: float = 60.0, on_stdout: Callable[[str], object] | None = None,
                    on_stderr: Callable[[str], object] | None = None) -> Execution:
@@ -347,9 +375,9 @@ class Sandbox(b.BaseSandbox):
         the result still has all of it.
         """
         if on_stdout is None and on_stderr is None:
-            return self._request(b.op_run_code(self.id, code, timeout))
+            return self._request(b.op_run_code(self.local_id, code, timeout))
         out = b.CodeCollector(on_stdout, on_stderr)
-        for event in self._controller._events(b.op_run_code_stream(self.id, code, timeout)):
+        for event in self._controller._events(b.op_run_code_stream(self.local_id, code, timeout)):
             out.feed(event)
         return out.finish()
 
@@ -389,19 +417,19 @@ class Commands:
         """
         sb = self._sandbox
         if background:
-            info = sb._request(b.op_start_process(sb.id, cmd, env, cwd, stdin, timeout, stdin_open=True))
+            info = sb._request(b.op_start_process(sb.local_id, cmd, env, cwd, stdin, timeout, stdin_open=True))
             return CommandHandle(sb, info.pid, on_stdout, on_stderr, max_output)
         if on_stdout is None and on_stderr is None:
-            return sb._request(b.op_exec(sb.id, cmd, env, cwd, stdin, timeout, max_output))
+            return sb._request(b.op_exec(sb.local_id, cmd, env, cwd, stdin, timeout, max_output))
         out = b.OutputCollector(on_stdout, on_stderr, max_output)
-        for event in sb._controller._events(b.op_exec_stream(sb.id, cmd, env, cwd, stdin, timeout)):
+        for event in sb._controller._events(b.op_exec_stream(sb.local_id, cmd, env, cwd, stdin, timeout)):
             out.feed(event)
         return out.finish()
 
     def list(self) -> builtins.list[ProcessInfo]:
         """Background processes running, or ended with output not yet read."""
         sb = self._sandbox
-        return sb._request(b.op_list_processes(sb.id))
+        return sb._request(b.op_list_processes(sb.local_id))
 
     def connect(self, pid: int, *, on_stdout: Callable[[str], object] | None = None,
                 on_stderr: Callable[[str], object] | None = None) -> CommandHandle:
@@ -427,19 +455,19 @@ class CommandHandle:
         """Block until the process ends: its exit code and the output not read before."""
         sb = self._sandbox
         if self._out.result is None:
-            for event in sb._controller._events(b.op_process_stream(sb.id, self.pid)):
+            for event in sb._controller._events(b.op_process_stream(sb.local_id, self.pid)):
                 self._out.feed(event)
         return self._out.finish()
 
     def send_stdin(self, data: str | bytes, *, eof: bool = False) -> int:
         """Write to the process's stdin (``eof=True`` closes it after); the bytes written."""
         sb = self._sandbox
-        return sb._request(b.op_process_stdin(sb.id, self.pid, data, eof))
+        return sb._request(b.op_process_stdin(sb.local_id, self.pid, data, eof))
 
     def kill(self, signal: str = "KILL") -> bool:
         """Signal the process's group (KILL, TERM, INT, HUP); False if it had already ended."""
         sb = self._sandbox
-        return sb._request(b.op_process_kill(sb.id, self.pid, signal))
+        return sb._request(b.op_process_kill(sb.local_id, self.pid, signal))
 
 
 class Files:
@@ -452,7 +480,7 @@ class Files:
         """The file's bytes; NotFoundError if it does not exist, PayloadTooLargeError if it is larger
         than the controller serves (256 MiB)."""
         sb = self._sandbox
-        return sb._request(b.op_read_file(sb.id, path))
+        return sb._request(b.op_read_file(sb.local_id, path))
 
     def read_text(self, path: str, encoding: str = "utf-8") -> str:
         """The file decoded as ``encoding``."""
@@ -463,36 +491,36 @@ class Files:
         directories are created. ``mode`` is the permission bits. Returns the bytes written.
         The controller accepts at most 256 MiB (PayloadTooLargeError)."""
         sb = self._sandbox
-        return sb._request(b.op_write_file(sb.id, path, data, mode))
+        return sb._request(b.op_write_file(sb.local_id, path, data, mode))
 
     def list(self, path: str) -> builtins.list[FileEntry]:
         """The entries of a directory, sorted by name."""
         sb = self._sandbox
-        return sb._request(b.op_list_files(sb.id, path))
+        return sb._request(b.op_list_files(sb.local_id, path))
 
     def stat(self, path: str) -> FileEntry:
         """One file's type, size, mode and mtime; NotFoundError if it does not exist."""
         sb = self._sandbox
-        return sb._request(b.op_stat(sb.id, path))
+        return sb._request(b.op_stat(sb.local_id, path))
 
     def make_dir(self, path: str) -> None:
         """Create a directory and its missing parents (no error if it exists)."""
         sb = self._sandbox
-        sb._request(b.op_mkdir(sb.id, path))
+        sb._request(b.op_mkdir(sb.local_id, path))
 
     def remove(self, path: str, *, recursive: bool = False) -> None:
         """Remove a file, or a directory (which must be empty unless ``recursive``)."""
         sb = self._sandbox
-        sb._request(b.op_remove(sb.id, path, recursive))
+        sb._request(b.op_remove(sb.local_id, path, recursive))
 
     def exists(self, path: str) -> bool:
         """Whether ``path`` exists. NotFoundError still means the *sandbox* is gone."""
         sb = self._sandbox
         try:
-            sb._request(b.op_stat(sb.id, path))
+            sb._request(b.op_stat(sb.local_id, path))
         except NotFoundError:
             # 404 is both "no such file" and "no such sandbox": tell them apart.
-            sb._request(b.op_get_sandbox(sb.id))
+            sb._request(b.op_get_sandbox(sb.local_id))
             return False
         return True
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -24,6 +26,15 @@ def version(ctl: Ctl) -> dict[str, str]:
     eng = ctl.engine
     return {"version": __version__, "api": "v1", "accelerator": eng.accel.name,
             "accelerator_reason": eng.accel.reason, "qemu_version": eng.qemu.version}
+
+
+@router.get("/v1/capacity", response_model=m.Capacity, responses=ERRORS)
+def capacity(ctl: Ctl) -> dict[str, Any]:
+    """What this node can still take: memory, vCPUs, sandboxes running and their limit, the pools, and
+    ``free_slots``, the sandboxes a client spreading a spawn over several controllers gives it at most."""
+    from forkd.daemon.capacity import capacity as measure
+
+    return measure(ctl.node_name, ctl.active_count(), ctl.max_sandboxes, ctl.pool_ready(), ctl.starting())
 
 
 @router.get("/metrics", response_class=Response, responses=ERRORS)

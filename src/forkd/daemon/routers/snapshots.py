@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import weakref
@@ -18,6 +19,7 @@ from forkd.daemon.deps import ERRORS, Ctl, Tag
 from forkd.daemon.service import Controller
 from forkd.errors import ValidationError
 
+log = logging.getLogger("forkd.controller")
 ZSTD = "application/zstd"
 #: bytes of free disk an upload leaves (unpacking needs room of its own, checked by the unpack)
 UPLOAD_RESERVE = 1 << 30
@@ -98,6 +100,32 @@ async def unpack_snapshot(ctl: Ctl, request: Request, tag: Annotated[str | None,
         return await run_in_threadpool(ctl.unpack, path, tag, force)
     finally:
         await run_in_threadpool(ctl.done_with, path)
+
+
+@router.post("/pull", status_code=201, response_model=m.PullResponse,
+             responses={413: {"model": m.ErrorBody}, 502: {"model": m.ErrorBody}})
+def pull_snapshot(ctl: Ctl, req: m.PullRequest) -> dict[str, Any]:
+    """Fetch a pack from ``url`` (another controller's ``/v1/snapshots/{tag}/pack``, or any http(s) URL),
+    check its ``sha256`` if given, then verify and register it as ``/unpack`` does (``forkd pull``,
+    ``forkd push``). ``token`` goes to the URL's own origin only. The pack may use the disk's free space
+    less 1 GiB (413 beyond); a source that fails or is too slow is a 502; 503 when two packs or unpacks
+    are already in flight. See pull.py for the rules a URL and its redirects follow."""
+    from forkd.daemon.pull import check_url, display, fetch
+
+    check_url(req.url)
+    area = ctl.upload_area()
+    path = area / "pull.tar.zst"
+    try:
+        limit = max(0, shutil.disk_usage(area).free - UPLOAD_RESERVE)
+        got = fetch(req.url, path, limit=limit, deadline_s=req.timeout_s, token=req.token)
+        if req.sha256 is not None and got.sha256 != req.sha256:
+            raise ValidationError(f"sha256: the pack fetched from {got.source} has sha256 {got.sha256}, not "
+                                  f"{req.sha256}; nothing was registered")
+        res = ctl.unpack(path, req.tag, req.force)
+        log.info("pulled %s (%d bytes, sha256 %s): %s", display(req.url), got.bytes, got.sha256, res["tags"])
+        return {**res, "source": got.source, "bytes": got.bytes, "sha256": got.sha256}
+    finally:
+        ctl.done_with(path)
 
 
 def _too_large(limit: int) -> JSONResponse:
