@@ -17,11 +17,9 @@
 #
 # Usage: scripts/container-check.sh [--no-build] [--userns] [--only tcg|kvm|userns] [--state hostdir|volume]
 #                                   [--keep-state]
-# State: "hostdir" (default) is a host directory mounted at the same path inside the container;
-# "volume" is the named volume $VOLUME at /var/lib/forkd, the image's default layout. Why hostdir is
-# the default here: a forkd on the host (a test's daemon, `forkd cleanup`) SIGKILLs every forkd QEMU
-# whose work dir it cannot see (engine/cleanup.py orphans()), which includes a container's VMs under
-# /var/lib/forkd; with the same path on both sides the host sees the work dirs and leaves them alone.
+# State: "volume" (default) is the named volume $VOLUME at /var/lib/forkd, the image's own layout;
+# "hostdir" is a host directory mounted at the same path inside the container. A forkd on the host
+# leaves a container's VMs alone (engine/cleanup.py orphans() skips QEMUs in other PID namespaces).
 # Containers are removed on exit, and the state unless --keep-state; the image and the base stay.
 set -euo pipefail
 
@@ -37,7 +35,7 @@ READY_TIMEOUT=${FORKD_CONTAINER_READY_TIMEOUT:-1200}  # first start creates the 
 PREFIX=forkd-check
 USERNS_HOST_ROOT=2000000000  # --userns: the host uid container root is mapped to
 
-build=1 userns=0 only="" keep_state=0 state_kind=hostdir
+build=1 userns=0 only="" keep_state=0 state_kind=volume
 while [ $# -gt 0 ]; do
     case $1 in
         --no-build) build=0 ;;
