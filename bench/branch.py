@@ -103,7 +103,7 @@ class Bench:
         kids: list[Child] = []
         try:
             if pool:
-                p = self.eng.start_pool(self.root, n)
+                p = self.eng.start_pool(self.root, n, warm=False)  # a deferred pool serves delta branches
                 if not p.wait_full(timeout=1200):
                     raise SystemExit(f"pool did not fill: {p.stats()}")
                 time.sleep(1.0)  # the refill thread is idle
