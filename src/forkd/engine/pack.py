@@ -383,11 +383,23 @@ class _LimitedReader:
 
 class _GuardedTarInfo(tarfile.TarInfo):
     """Refuses a pax or GNU long-name header larger than MAX_EXT_HEADER_BYTES before tarfile reads it
-    into memory."""
+    into memory.
+
+    Both constructors are guarded: tarfile's own reading goes through ``frombuf`` in older Pythons and
+    through ``_frombuf`` in those with the 2024 header-parsing fixes (3.12.5+, 3.13, and Debian 12's
+    3.11.2-6+deb12u9), which bypass an override of ``frombuf`` alone."""
 
     @classmethod
     def frombuf(cls, buf: bytes | bytearray, encoding: str, errors: str) -> _GuardedTarInfo:
-        obj = super().frombuf(buf, encoding, errors)
+        return cls._guard(super().frombuf(buf, encoding, errors))
+
+    @classmethod
+    def _frombuf(cls, buf: bytes | bytearray, encoding: str, errors: str, **kw: Any) -> _GuardedTarInfo:
+        parent = super()._frombuf  # type: ignore[misc]  # only called by the Pythons that have it
+        return cls._guard(parent(buf, encoding, errors, **kw))
+
+    @staticmethod
+    def _guard(obj: Any) -> Any:
         if obj.type in _EXT_HEADER_TYPES and obj.size > MAX_EXT_HEADER_BYTES:
             raise PackError(f"corrupt archive: a {obj.size}-byte extended tar header (at most {MAX_EXT_HEADER_BYTES})")
         return obj
