@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -248,3 +249,19 @@ def test_process_matches_and_cleanup(tmp_path: Path) -> None:
     finally:
         live.kill()
         live.wait()
+
+
+def test_unix_sockets_work_in_a_directory_deeper_than_a_socket_address(tmp_path: Path) -> None:
+    from forkd.engine import vm
+
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    path = deep / "qmp.sock"
+    assert len(os.fsencode(path)) > vm.UNIX_PATH_MAX
+    server = vm._listen(path)
+    client = vm._connect(path, timeout=5)
+    conn, _ = server.accept()
+    client.sendall(b"hi")
+    assert conn.recv(2) == b"hi" and path.exists() and oct(path.stat().st_mode & 0o777) == "0o600"
+    for s in (conn, client, server):
+        s.close()

@@ -51,7 +51,7 @@ def orphans() -> list[Orphan]:
     """Every forkd QEMU on this host whose work dir no longer exists, whichever run dir it had.
 
     A VM's stdout is its work dir's ``qemu.log``; when the work dir was removed while QEMU ran (a
-    controller that died between the two), the kernel shows that file as deleted. A QEMU in another
+    controller that died between the two), that file has no links left. A QEMU in another
     PID namespace belongs to a forkd in a container, whose work dirs this process cannot see: never
     an orphan of ours."""
     out = []
@@ -69,9 +69,12 @@ def orphans() -> list[Orphan]:
             if not name.startswith("forkd-"):
                 continue
             log = os.readlink(proc / "fd" / "1")
+            # by the file itself, not its path: a path read from another mount namespace (a systemd
+            # unit's private mounts, kept by a QEMU across the daemon's restart) may not resolve here
+            links = os.stat(proc / "fd" / "1").st_nlink
         except (OSError, UnicodeDecodeError):
             continue
-        if log.endswith("/qemu.log (deleted)") or (log.endswith("/qemu.log") and not Path(log).parent.is_dir()):
+        if "/qemu.log" in log and links == 0:
             out.append(Orphan(int(proc.name), name.removeprefix("forkd-"), log))
     return out
 

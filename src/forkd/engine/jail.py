@@ -119,6 +119,7 @@ def make_root(workdir: Path) -> Path:
     """The VM's empty root directory: nothing in it, nothing it may write (but files we hand it)."""
     root = workdir / "root"
     root.mkdir(mode=0o555)
+    os.chmod(root, 0o555)  # whatever the umask (a unit's UMask=0077 would leave 0500: QEMU's uid could not enter)
     return root
 
 

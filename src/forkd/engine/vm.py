@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,11 +142,29 @@ def netns_path(netns: str | None) -> str | None:
     return str(path)
 
 
+UNIX_PATH_MAX = 107  # sun_path holds 108 bytes with the final NUL
+
+
+@contextlib.contextmanager
+def _sockaddr(path: Path) -> Iterator[str]:
+    """An address for the Unix socket ``path``: the path itself, or, when it is longer than a socket
+    address may be (a deep state dir), the same file reached through an open fd of its directory."""
+    if len(os.fsencode(path)) <= UNIX_PATH_MAX:
+        yield str(path)
+        return
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
+
+
 def _listen(path: Path) -> socket.socket:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.bind(str(path))
+    with _sockaddr(path) as addr:
+        s.bind(addr)
     os.chmod(path, 0o600)
     s.listen(4)
     return s
@@ -156,7 +175,8 @@ def _connect(path: Path, timeout: float = 10.0) -> socket.socket:
     while True:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            s.connect(str(path))
+            with _sockaddr(path) as addr:
+                s.connect(addr)
             return s
         except (FileNotFoundError, ConnectionRefusedError) as e:
             s.close()
