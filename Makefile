@@ -1,18 +1,37 @@
 # forkd: `make demo` on a fresh Debian 12 machine installs what it needs, builds the guest image,
 # creates the snapshot `pyagent` and forks children from it; `make test` runs the test suite.
+#
+# forkd and its dev tools are installed (editable) into the virtual environment $(VENV), made with
+# `$(PYTHON) -m venv`: Debian 12's python3 has no pip and refuses `pip install` outside a venv (PEP 668).
+# Every target below runs the venv's tools ($(VENV)/bin first on PATH), so nothing needs activating;
+# afterwards `. .venv/bin/activate` (or .venv/bin/forkd ...) gives you the commands.
+#   PYTHON  the interpreter the venvs are made with (default: the system's python3)
+#   VENV    forkd's venv (default .venv, in this directory)
 PYTHON ?= python3
-APT_PACKAGES = qemu-system-x86 qemu-utils e2fsprogs cpio python3 zstd iproute2 nftables
+VENV ?= .venv
+VENV_BIN := $(abspath $(VENV))/bin
+VENV_PYTHON := $(VENV_BIN)/python
+# The recipes of demo/test/lint/...: the venv's forkd, forkd-controller, pytest, ruff, mypy come first
+# (tests start `forkd` by name), without activating it.
+WITH_VENV := PATH="$(VENV_BIN):$$PATH"
+APT_PACKAGES = qemu-system-x86 qemu-utils e2fsprogs cpio python3 python3-venv zstd iproute2 nftables procps
 N ?= 10
 # QEMU=backports installs QEMU 10 from bookworm-backports (children then open memory.bin read-only).
 QEMU ?= bookworm
 BACKPORTS_LIST = /etc/apt/sources.list.d/forkd-bookworm-backports.list
 
-.PHONY: demo deps apt pip compat-venv openapi image snapshot test test-unit lint bench clean
+.PHONY: demo deps install apt venv pip compat-venv openapi image snapshot test test-unit lint bench clean
+.PHONY: clean-debian-check systemd-check
 
 demo: deps image snapshot
-	forkd fork --tag pyagent -n $(N) --eval 'numpy.zeros(5).tolist()'
+	$(VENV_BIN)/forkd fork --tag pyagent -n $(N) --eval 'numpy.zeros(5).tolist()'
 
+# `make deps` installs the apt packages (as root, like `make demo`) and then the venvs.
 deps: apt pip compat-venv e2b-venv ts
+
+# A host that only runs the daemon (docs/deployment.md: /opt/forkd, packaging/systemd): the apt packages and
+# $(VENV) with forkd; not the test SDKs' venvs or Node.js.
+install: apt pip
 
 # The guest image builder downloads the guest kernel package with apt, so the lists must be present too.
 apt:
@@ -26,8 +45,14 @@ ifeq ($(QEMU),backports)
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends -t bookworm-backports qemu-system-x86
 endif
 
-pip:
-	$(PYTHON) -m pip install -q -e '.[dev]'
+# forkd's venv: made once with $(PYTHON) (Debian: needs python3-venv, which `make apt` installs).
+$(VENV_PYTHON):
+	$(PYTHON) -m venv $(VENV)
+
+venv: $(VENV_PYTHON)
+
+pip: $(VENV_PYTHON)
+	$(VENV_PYTHON) -m pip install -q -e '.[dev]'
 
 # The original forkd's Python SDK (PyPI forkd 0.5.3: our import name, so a venv of its own), which
 # tests/integration/test_original_sdk.py drives against our daemon.
@@ -57,27 +82,37 @@ lint-ts:
 
 # docs/openapi.json, the contract the daemon serves and the SDKs are checked against
 openapi:
-	forkd-controller openapi --out docs/openapi.json
+	$(VENV_BIN)/forkd-controller openapi --out docs/openapi.json
 
 image:
-	forkd image build
+	$(VENV_BIN)/forkd image build
 
 snapshot:
-	@forkd snapshot info pyagent >/dev/null 2>&1 || forkd snapshot create --tag pyagent
+	@$(VENV_BIN)/forkd snapshot info pyagent >/dev/null 2>&1 || $(VENV_BIN)/forkd snapshot create --tag pyagent
 
 test:
-	$(PYTHON) -m pytest -ra
+	$(WITH_VENV) $(VENV_PYTHON) -m pytest -ra
 
 test-unit:
-	$(PYTHON) -m pytest -ra tests/unit
+	$(WITH_VENV) $(VENV_PYTHON) -m pytest -ra tests/unit
 
 lint:
-	ruff check src tests bench
-	mypy
+	$(VENV_BIN)/ruff check src tests bench
+	$(WITH_VENV) $(VENV_BIN)/mypy
 	$(MAKE) lint-ts
 
 bench:
-	$(PYTHON) bench/fanout.py
+	$(WITH_VENV) $(VENV_PYTHON) bench/fanout.py
 
 clean:
-	forkd cleanup
+	$(VENV_BIN)/forkd cleanup
+
+# Proofs in a clean Debian 12 root made with debootstrap, run with podman (as root; docs/deployment.md):
+# the README's `make demo` and `make test` (long: the whole suite), and the systemd unit under a real systemd.
+# CLEAN_BASE=DIR copies a pristine `debootstrap --variant=minbase bookworm` tree instead of debootstrapping.
+CLEAN_BASE ?=
+clean-debian-check:
+	scripts/clean-debian-check.sh $(if $(CLEAN_BASE),--base $(CLEAN_BASE))
+
+systemd-check:
+	scripts/systemd-check.sh $(if $(CLEAN_BASE),--base $(CLEAN_BASE))
