@@ -102,6 +102,23 @@ from dataclasses import dataclass  # noqa: E402
 import httpx  # noqa: E402
 
 
+def kill_run_dir(run: Path) -> None:
+    """Kill the VMs recorded in a daemon's run dir (a daemon leaves them running on purpose) and sweep it."""
+    from forkd.engine.cleanup import sweep
+    from forkd.engine.vm import VMProcess, WorkDir, process_matches
+
+    if not run.is_dir():
+        return
+    for w in run.iterdir():
+        meta = WorkDir(w).read_meta()
+        if meta and process_matches(int(meta["pid"]), str(meta["id"])):
+            try:
+                VMProcess.adopt(w).kill()
+            except Exception:  # noqa: BLE001
+                os.kill(int(meta["pid"]), signal.SIGKILL)
+    sweep(run)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -185,16 +202,4 @@ def daemon(engine: Engine, snapshot: str, forkd_home: Path) -> Iterator[Daemon]:
     if dm.proc.poll() is None:
         dm.stop()
     # the daemon leaves sandboxes running on purpose; the tests' ones go now
-    from forkd.engine.cleanup import sweep
-    from forkd.engine.vm import VMProcess, WorkDir, process_matches
-
-    run = d / "run"
-    if run.is_dir():
-        for w in run.iterdir():
-            meta = WorkDir(w).read_meta()
-            if meta and process_matches(int(meta["pid"]), str(meta["id"])):
-                try:
-                    VMProcess.adopt(w).kill()
-                except Exception:  # noqa: BLE001
-                    os.kill(int(meta["pid"]), signal.SIGKILL)
-        sweep(run)
+    kill_run_dir(d / "run")

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, free_port, make_token_file, start_daemon_process, wait_healthy
+from conftest import Daemon, free_port, kill_run_dir, make_token_file, start_daemon_process, wait_healthy
 
 from forkd.sdk import (
     AsyncMultiController,
@@ -42,19 +42,7 @@ NAMES = ("n1", "n2", "n3")
 
 def _kill_vms(run: Path) -> None:
     """The VMs a daemon left running (on purpose: they outlive it) go at the end of the module."""
-    from forkd.engine.cleanup import sweep
-    from forkd.engine.vm import VMProcess, WorkDir, process_matches
-
-    if not run.is_dir():
-        return
-    for w in run.iterdir():
-        meta = WorkDir(w).read_meta()
-        if meta and process_matches(int(meta["pid"]), str(meta["id"])):
-            try:
-                VMProcess.adopt(w).kill()
-            except Exception:  # noqa: BLE001
-                os.kill(int(meta["pid"]), signal.SIGKILL)
-    sweep(run)
+    kill_run_dir(run)
 
 
 @pytest.fixture(scope="module")

@@ -9,18 +9,8 @@ from pathlib import Path
 
 import click
 
-from forkd.cli.common import daemon_options
+from forkd.cli.common import daemon_options, read_token
 from forkd.limits import MAX_LIFETIME_S
-
-
-def _read_token(path: Path, what: str) -> str:
-    try:
-        token = path.read_text().strip()
-    except OSError as e:
-        raise click.UsageError(f"{what} {path}: {e.strerror}") from None
-    if not token:
-        raise click.UsageError(f"{what} {path} is empty")
-    return token
 
 
 @click.command("mcp")
@@ -69,8 +59,8 @@ def mcp_command(transport: str, bind: str, http_token_file: Path | None, allow_h
             parse_bind(bind)
         except ValueError as e:
             raise click.UsageError(str(e)) from None
-    token = _read_token(token_file, "--token-file") if token_file else os.environ.get("FORKD_TOKEN")
-    http_token = _read_token(http_token_file, "--http-token-file") if http_token_file else None
+    token = read_token(token_file) if token_file else os.environ.get("FORKD_TOKEN")
+    http_token = read_token(http_token_file)
     local = LocalOptions(snapshot_root=snapshot_root, accel=accel, insecure_no_jail=insecure_no_jail)
     try:
         backend = make_backend(url, token, local)
